@@ -1,0 +1,167 @@
+"""The base backbone: trained once by the suite's recipe, cached by content hash.
+
+The cache key covers dataset (with its subsets), backbone, recipe and seed, so every
+method of a suite starts from the very same weights and a second run trains nothing.
+Checkpoints are plain state dicts loaded with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from eebench.datasets import Augment
+from eebench.errors import EebenchError
+from eebench.model import StagedBackbone
+from eebench.passes import iterate_batches
+from eebench.suite import Recipe
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("EEBENCH_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "eebench"
+
+
+def content_hash(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@dataclass
+class BaseInfo:
+    """What a cell needs to know about its base backbone."""
+
+    key: str
+    test_accuracy: float
+    train_seconds: float
+    train_samples: int
+    cached: bool
+    source: str
+
+
+def _optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                           weight_decay=recipe.weight_decay, nesterov=recipe.momentum > 0)
+
+
+def train_backbone(
+    model: StagedBackbone,
+    train: Dataset,
+    recipe: Recipe,
+    *,
+    augment: Augment | None,
+    seed: int,
+    device: torch.device,
+    where: str = "suite",
+    key: str = "backbones",
+) -> int:
+    """Train with cross-entropy by the recipe; returns samples seen. NaN loss is an error."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = _optimizer(model, recipe)
+    steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
+    total_steps = max(1, math.ceil(recipe.epochs * steps_per_epoch))
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
+        if recipe.schedule == "cosine" else torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0, 1)
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    step, seen = 0, 0
+    for epoch in range(math.ceil(recipe.epochs)):
+        stream = iterate_batches(train, recipe.batch_size, device=device, shuffle=True, generator=generator,
+                                 description=f"base training epoch {epoch + 1}/{math.ceil(recipe.epochs)}")
+        for x, y in stream:
+            if step >= total_steps:
+                stream.close()
+                break
+            if recipe.augment and augment is not None:
+                x = augment(x, generator)
+            loss = loss_fn(model(x), y)
+            if not torch.isfinite(loss):
+                raise EebenchError(f"base training loss became {loss.item()} at step {step}; "
+                                   "expected a finite loss (try a lower lr)", where=where, key=f"{key}.recipe")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            seen += int(y.shape[0])
+    model.eval()
+    return seen
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> float:
+    model.eval()
+    correct = 0
+    for x, y in iterate_batches(dataset, batch_size, device=device, description="backbone test accuracy"):
+        correct += int((model(x).argmax(1) == y).sum())
+    return correct / max(1, len(dataset))
+
+
+def load_checkpoint(model: nn.Module, path: Path, where: str, key: str) -> None:
+    if not path.is_file():
+        raise EebenchError(f"checkpoint '{path}' does not exist; expected a state_dict file", where=where, key=key)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise EebenchError(f"cannot load checkpoint '{path}': {type(exc).__name__}: {str(exc)[:160]}; "
+                           "expected a state_dict matching the backbone", where=where, key=key) from exc
+
+
+def prepare_backbone(
+    model: StagedBackbone,
+    payload: dict,
+    train: Dataset,
+    test: Dataset,
+    recipe: Recipe,
+    *,
+    augment: Augment | None,
+    seed: int,
+    device: torch.device,
+    checkpoint: str | None,
+    eval_batch_size: int,
+    where: str,
+    key: str,
+) -> BaseInfo:
+    """Load the cached (or given) weights into ``model``, training them first if needed."""
+    model.to(device)
+    if checkpoint:
+        load_checkpoint(model, Path(checkpoint), where, f"{key}.checkpoint")
+        model.to(device)
+        acc = accuracy(model, test, eval_batch_size, device)
+        return BaseInfo(content_hash(payload), acc, 0.0, 0, True, f"checkpoint {checkpoint}")
+    digest = content_hash(payload)
+    folder = cache_dir() / "backbones"
+    weights, meta = folder / f"{digest}.pt", folder / f"{digest}.json"
+    if weights.is_file() and meta.is_file():
+        load_checkpoint(model, weights, where, key)
+        model.to(device).eval()
+        info = json.loads(meta.read_text())
+        return BaseInfo(digest, info["test_accuracy"], info["train_seconds"], info["train_samples"], True,
+                        f"cache {weights}")
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    seen = train_backbone(model, train, recipe, augment=augment, seed=seed, device=device, where=where, key=key)
+    seconds = time.perf_counter() - start
+    acc = accuracy(model, test, eval_batch_size, device)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = weights.with_suffix(".pt.tmp")
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, weights)
+    meta.write_text(json.dumps({"payload": payload, "test_accuracy": acc, "train_seconds": seconds,
+                                "train_samples": seen}, indent=1, default=str))
+    return BaseInfo(digest, acc, seconds, seen, False, "trained")

@@ -1,0 +1,134 @@
+"""The ``eebench`` command: run, validate, plugins, leaderboard.
+
+Bad input ends with one line naming the file, the key and what was expected, exit code 2,
+and no traceback unless ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from eebench.errors import EebenchError
+
+EXIT_USAGE = 2
+
+
+def _device(name: str):
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EebenchError("CUDA is not available on this machine; expected cpu", where="command line",
+                           key="--device")
+    return torch.device(name)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from eebench.plugins import default_registry
+    from eebench.suite import check_plugins, expand, load_suite
+
+    suite = load_suite(args.suite)
+    check_plugins(suite, default_registry(), args.suite)
+    print(f"{args.suite}: valid, {len(expand(suite))} cells")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from eebench.plugins import default_registry
+
+    registry = default_registry()
+    payload = [
+        {"package": p.package, "version": p.version, "entry_point": p.entry_point, "hooks": p.hooks,
+         "registered": p.registered}
+        for p in registry.plugins
+    ]
+    print(json.dumps({"plugins": payload, "failed": registry.failures}, indent=2))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from eebench.leaderboard import render
+    from eebench.plugins import default_registry
+    from eebench.progress import console
+    from eebench.runner import check_writable, run_suite
+    from eebench.suite import check_plugins, load_suite
+
+    suite = load_suite(args.suite)
+    registry = default_registry()
+    check_plugins(suite, registry, args.suite)
+    run_dir = Path(args.out or suite.outputs.run_dir or f"runs/{suite.name}")
+    board_dir = Path(args.leaderboards or suite.outputs.leaderboard_dir)
+    check_writable(board_dir, "--leaderboards")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    device = _device(args.device)
+    try:
+        report = run_suite(suite, registry, suite_path=args.suite, run_dir=run_dir, device=device,
+                           only=args.only, log=lambda line: console.print(line, markup=False, highlight=False))
+    except KeyboardInterrupt:
+        print(f"eebench: interrupted: finished cells are kept in {run_dir}/cells; "
+              "rerun the same command to resume", file=sys.stderr)
+        return EXIT_USAGE
+    command = f"eebench run {args.suite}"
+    path = render(run_dir, board_dir, suite.name, suite.targets, suite.description, command)
+    print(f"{len(report.done)} cells run, {len(report.skipped)} reused, {report.seconds:.1f}s; "
+          f"results in {run_dir}/cells; leaderboard {path}")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from eebench.leaderboard import render
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "cells").is_dir():
+        raise EebenchError("no cells/ folder; expected a run directory written by 'eebench run'",
+                           where=str(run_dir), key="RUN_DIR")
+    path = render(run_dir, Path(args.leaderboards), command=f"eebench leaderboard {args.run_dir}")
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eebench", description="Fair benchmarks of early-exit methods.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a suite and write its leaderboard")
+    run.add_argument("suite")
+    run.add_argument("--out", help="run directory (default runs/<suite name>)")
+    run.add_argument("--leaderboards", help="leaderboard directory (default from the suite: leaderboards)")
+    run.add_argument("--device", default="cpu", help="cpu or cuda")
+    run.add_argument("--only", help="glob over cell ids, e.g. '*e2cm*'")
+    run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    run.set_defaults(func=cmd_run)
+    validate = sub.add_parser("validate", help="check a suite file without running it")
+    validate.add_argument("suite")
+    validate.set_defaults(func=cmd_validate)
+    plugins = sub.add_parser("plugins", help="list installed plugins as JSON")
+    plugins.set_defaults(func=cmd_plugins)
+    board = sub.add_parser("leaderboard", help="regenerate a leaderboard from a run directory")
+    board.add_argument("run_dir")
+    board.add_argument("--leaderboards", default="leaderboards")
+    board.set_defaults(func=cmd_leaderboard)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EebenchError as exc:
+        if args.debug:
+            raise
+        print(f"eebench: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("eebench: interrupted", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

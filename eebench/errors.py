@@ -1,0 +1,19 @@
+"""User-facing errors: one line, exit code 2, no traceback unless --debug."""
+
+from __future__ import annotations
+
+
+class EebenchError(Exception):
+    """Bad input or environment, reported as ``<where>: <key>: <what was expected>``.
+
+    ``where`` is usually a file path, ``key`` a dotted path inside it.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, where: str | None = None, key: str | None = None) -> None:
+        self.where = where
+        self.key = key
+        self.detail = message
+        parts = [p for p in (where, key) if p]
+        super().__init__(": ".join([*parts, message]))

@@ -1,0 +1,160 @@
+"""Markdown leaderboards and accuracy-cost figures from a run directory's cell results."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import eebench
+from eebench.results import load_results
+
+PHI_RULE = (
+    "Accuracy at φ is the best **test** accuracy among the threshold vectors on the upper convex hull "
+    "of the **calibration** split whose calibration cost is ≤ φ (thresholds are never chosen on test). "
+    "Costs are MACs counted by fvcore at batch 1, including every evaluated exit's overhead, normalised "
+    "to the plain backbone (= 1.00); a method that evaluates exits can cost more than 1.00."
+)
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}%"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}%"
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def _row_label(result: dict[str, Any], many_budgets: bool) -> str:
+    return f"{result['method']} ({result['budget']['label']})" if many_budgets else result["method"]
+
+
+def plot_curves(results: list[dict[str, Any]], targets: list[float], path: Path, title: str,
+                many_budgets: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for label, group in _group(results, lambda r: _row_label(r, many_budgets)).items():
+        for k, result in enumerate(group):
+            test = result["curve"]["test"]
+            ax.plot(test["cost"], [100 * a for a in test["accuracy"]], marker=".", markersize=3,
+                    linewidth=1.2, label=label if k == 0 else None, alpha=1.0 if len(group) == 1 else 0.6)
+    backbone = [r["backbone_test_accuracy"] for r in results]
+    ax.scatter([1.0], [100 * statistics.mean(backbone)], marker="*", s=120, color="black", zorder=5,
+               label="backbone (no early exit)")
+    for t in targets:
+        ax.axvline(t, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("cost (fraction of the plain backbone's MACs)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _group(items: list[dict[str, Any]], key) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for item in items:
+        groups[key(item)].append(item)
+    return dict(groups)
+
+
+def _spend(group: list[dict[str, Any]]) -> str:
+    spend = group[0]["spend"]
+    seconds = statistics.mean(r["spend"]["seconds"] for r in group)
+    extra = f" + {spend['extra_forward_samples']:,} fwd" if spend.get("extra_forward_samples") else ""
+    return f"{spend['samples']:,} samples{extra}, {seconds:.1f} s"
+
+
+def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
+           targets: list[float] | None = None, description: str = "", command: str = "") -> Path:
+    """Write ``<leaderboard_dir>/<suite>.md`` and its figures; returns the markdown path."""
+    results = load_results(run_dir)
+    if not results:
+        raise FileNotFoundError(f"no cell results under {run_dir / 'cells'}")
+    suite_name = suite_name or results[0]["suite"]
+    targets = targets or sorted({float(t) for r in results for t in r["accuracy_at"]})
+    many_budgets = len({r["budget"]["label"] for r in results}) > 1
+    columns = [*targets, 1.0] if 1.0 not in targets else targets
+    first = results[0]["provenance"]
+    lines = [
+        f"# Leaderboard: {suite_name}",
+        "",
+        *([description.strip(), ""] if description.strip() else []),
+        f"Generated {datetime.now(timezone.utc):%Y-%m-%d} by `{command or 'eebench leaderboard'}` "
+        f"(eebench {eebench.__version__}, torch {first['torch']}, device {first['device']}).",
+        "",
+    ]
+    for (dataset, backbone), group in _group(results, lambda r: (r["dataset"], r["backbone"])).items():
+        base_acc = [r["backbone_test_accuracy"] for r in group]
+        seeds = sorted({r["seed"] for r in group})
+        lines += [
+            f"## {dataset} · {backbone}",
+            "",
+            f"Plain backbone: {_fmt(base_acc)} test accuracy at {group[0]['backbone_macs'] / 1e6:.2f} M MACs; "
+            f"seeds {seeds}; train/calibration/test sizes {group[0]['sizes']['train']:,}/"
+            f"{group[0]['sizes']['calibration']:,}/{group[0]['sizes']['test']:,}; "
+            f"calibration on the {group[0]['calibration_split']}.",
+            "",
+            "| method | " + " | ".join(f"φ={t:.2f}" for t in columns) + " | hull end: acc (cost) | training spend |",
+            "|---" * (len(columns) + 3) + "|",
+        ]
+        for label, rows in _group(group, lambda r: _row_label(r, many_budgets)).items():
+            cells = []
+            for t in columns:
+                values = [r["accuracy_at"].get(f"{t:g}") for r in rows] if f"{t:g}" in rows[0]["accuracy_at"] \
+                    else [_best_under(r, t) for r in rows]
+                cells.append(_fmt([v["accuracy"] for v in values if v]) if all(values) else "—")
+            end = [r["hull_end"] for r in rows]
+            end_cost = statistics.mean(e["test_cost"] for e in end)
+            lines.append(f"| {label} | " + " | ".join(cells)
+                         + f" | {_fmt([e['test_accuracy'] for e in end])} ({end_cost:.2f}) | {_spend(rows)} |")
+        lines.append("| backbone (no early exit) | " + " | ".join(
+            _fmt(base_acc) if t >= 1.0 else "—" for t in columns) + f" | {_fmt(base_acc)} (1.00) | base recipe |")
+        figure = leaderboard_dir / _slug(suite_name) / f"{_slug(dataset)}-{_slug(backbone)}.png"
+        plot_curves(group, targets, figure, f"{dataset} · {backbone}", many_budgets)
+        lines += ["", f"![accuracy–cost curves]({figure.relative_to(leaderboard_dir).as_posix()})", ""]
+        lines += _exit_table(group, many_budgets, targets)
+    notes = sorted({r["notes"] for r in results if r.get("notes")})
+    lines += ["## Notes", "", f"- {PHI_RULE}"] + [f"- {n}" for n in notes] + [""]
+    path = leaderboard_dir / f"{_slug(suite_name)}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _best_under(result: dict[str, Any], target: float) -> dict[str, float] | None:
+    curve = result["curve"]
+    eligible = [i for i, c in enumerate(curve["calibration"]["cost"]) if c <= target + 1e-12]
+    if not eligible:
+        return None
+    best = max(eligible, key=lambda i: curve["test"]["accuracy"][i])
+    return {"accuracy": curve["test"]["accuracy"][best]}
+
+
+def _exit_table(group: list[dict[str, Any]], many_budgets: bool, targets: list[float]) -> list[str]:
+    """Where test samples leave, at the largest target (first seed): the exit distribution."""
+    target = max(targets)
+    lines = [f"Exit distribution at φ={target:.2f} (share of test samples leaving at each exit, first seed):", ""]
+    for label, rows in _group(group, lambda r: _row_label(r, many_budgets)).items():
+        at = rows[0]["accuracy_at"].get(f"{target:g}")
+        if not at:
+            continue
+        counts = rows[0]["curve"]["test"]["exit_counts"][at["point"]]
+        total = sum(counts) or 1
+        names = rows[0]["exits"]["names"]
+        shares = ", ".join(f"{n} {100 * c / total:.0f}%" for n, c in zip(names, counts, strict=True) if c)
+        lines.append(f"- {label}: {shares}")
+    return [*lines, ""]

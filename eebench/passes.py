@@ -1,0 +1,41 @@
+"""Plain batched passes over a dataset (no budget, no augmentation)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from eebench.datasets import TensorImageDataset
+from eebench.progress import progress
+
+
+def iterate_batches(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    device: torch.device | str = "cpu",
+    description: str | None = None,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(images, labels)`` on ``device``; in-memory tensors skip the DataLoader."""
+    total = len(dataset)
+    with progress(description or "pass", total) as bar:
+        if isinstance(dataset, TensorImageDataset):
+            order = torch.randperm(total, generator=generator) if shuffle else None
+            for start in range(0, total, batch_size):
+                if order is None:
+                    x = dataset.images[start : start + batch_size]
+                    y = dataset.labels[start : start + batch_size]
+                else:
+                    idx = order[start : start + batch_size]
+                    x, y = dataset.images[idx], dataset.labels[idx]
+                bar.advance(len(y))
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            return
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+        for x, y in loader:
+            bar.advance(len(y))
+            yield x.to(device), torch.as_tensor(y).to(device)

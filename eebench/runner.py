@@ -1,0 +1,256 @@
+"""Runs a suite: cells in order, finished ones skipped, each result written at once."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import eebench
+from eebench.basenet import BaseInfo, prepare_backbone
+from eebench.calibration import build_curve
+from eebench.costs import StageCosts
+from eebench.datasets import DatasetBundle, dataset_labels, seeded_subset_indices, take
+from eebench.errors import EebenchError
+from eebench.model import StagedBackbone
+from eebench.plugins import Registry
+from eebench.results import cell_path, finished, write_atomic
+from eebench.strategy import MethodContext
+from eebench.suite import BackboneSpec, Cell, DatasetSpec, Suite, expand
+from eebench.trace import compute_trace
+
+
+@dataclass
+class Splits:
+    train: Any
+    calibration: Any
+    test: Any
+    bundle: DatasetBundle
+    calibration_name: str
+
+
+@dataclass
+class RunReport:
+    run_dir: Path
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def make_splits(bundle: DatasetBundle, spec: DatasetSpec, seed: int) -> Splits:
+    """Seeded subsets and the calibration split (train by default, as in the E2CM paper)."""
+    train, test = bundle.train, bundle.test
+    if spec.per_class or spec.train_subset:
+        picked = seeded_subset_indices(dataset_labels(train), seed=seed, total=spec.train_subset,
+                                       per_class=spec.per_class)
+        train = take(train, picked)
+    if spec.test_subset:
+        test = take(test, seeded_subset_indices(dataset_labels(test), seed=seed, total=spec.test_subset))
+    if spec.calibration == "holdout":
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 7919))
+        held = min(spec.holdout, len(train) // 2)
+        calibration = take(train, order[:held].sort().values)
+        train = take(train, order[held:].sort().values)
+        return Splits(train, calibration, test, bundle, f"holdout of {held} training samples")
+    return Splits(train, train, test, bundle, "training split (no augmentation)")
+
+
+class Runner:
+    """Holds what cells share: datasets, base backbones and their costs."""
+
+    def __init__(self, suite: Suite, registry: Registry, *, suite_path: str, run_dir: Path,
+                 device: torch.device, log: Callable[[str], None] = print) -> None:
+        self.suite, self.registry, self.where = suite, registry, suite_path
+        self.run_dir, self.device, self.log = run_dir, device, log
+        self._splits: dict[str, Splits] = {}
+        self._bases: dict[str, tuple[dict, BaseInfo, StageCosts]] = {}
+
+    def _index(self, items: list, item: Any) -> int:
+        return next(i for i, x in enumerate(items) if x is item)
+
+    def splits(self, spec: DatasetSpec, seed: int) -> Splits:
+        key = f"{spec.model_dump_json()}|{seed}"
+        if key not in self._splits:
+            i = self._index(self.suite.datasets, spec)
+            factory = self.registry.get("datasets", spec.name, where=self.where, key=f"datasets[{i}].name")
+            try:
+                bundle = factory(**spec.params)
+            except EebenchError as exc:
+                raise EebenchError(exc.detail, where=self.where, key=f"datasets[{i}]") from exc
+            self._splits[key] = make_splits(bundle, spec, seed)
+        return self._splits[key]
+
+    def build_backbone(self, spec: BackboneSpec, bundle: DatasetBundle, seed: int) -> StagedBackbone:
+        i = self._index(self.suite.backbones, spec)
+        factory = self.registry.get("backbones", spec.name, where=self.where, key=f"backbones[{i}].name")
+        torch.manual_seed(seed)
+        try:
+            return factory(bundle.num_classes, bundle.input_shape, **spec.params)
+        except (TypeError, ValueError) as exc:
+            raise EebenchError(f"{exc}", where=self.where, key=f"backbones[{i}].params") from exc
+
+    def base(self, cell: Cell, splits: Splits) -> tuple[dict, BaseInfo, StageCosts]:
+        payload = {
+            "dataset": cell.dataset.model_dump(exclude={"label"}),
+            "backbone": cell.backbone.name,
+            "backbone_params": cell.backbone.params,
+            "recipe": cell.backbone.recipe.model_dump(),
+            "seed": cell.seed,
+        }
+        key = repr(payload) + str(cell.backbone.checkpoint)
+        if key not in self._bases:
+            model = self.build_backbone(cell.backbone, splits.bundle, cell.seed)
+            i = self._index(self.suite.backbones, cell.backbone)
+            info = prepare_backbone(
+                model, payload, splits.train, splits.test, cell.backbone.recipe,
+                augment=splits.bundle.augment, seed=cell.seed, device=self.device,
+                checkpoint=cell.backbone.checkpoint, eval_batch_size=cell.batch_size,
+                where=self.where, key=f"backbones[{i}]",
+            )
+            costs = StageCosts.measure(model, splits.bundle.input_shape)
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            self._bases[key] = (state, info, costs)
+        return self._bases[key]
+
+    def run_cell(self, cell: Cell) -> dict[str, Any]:
+        phases: dict[str, float] = {}
+        tick = time.perf_counter()
+        splits = self.splits(cell.dataset, cell.seed)
+        phases["data"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        state, base_info, stage_costs = self.base(cell, splits)
+        backbone = self.build_backbone(cell.backbone, splits.bundle, cell.seed)
+        backbone.load_state_dict(copy.deepcopy(state))
+        backbone.to(self.device).eval()
+        phases["backbone"] = time.perf_counter() - tick
+
+        m = self._index(self.suite.methods, cell.method)
+        context = MethodContext(
+            num_classes=splits.bundle.num_classes, input_shape=splits.bundle.input_shape,
+            stage_costs=stage_costs, device=self.device, seed=cell.seed, batch_size=cell.batch_size,
+            train_batch_size=cell.train_batch_size, augment=splits.bundle.augment,
+        )
+        strategy_factory = self.registry.get("exit_strategies", cell.method.name, where=self.where,
+                                             key=f"methods[{m}].name")
+        torch.manual_seed(cell.seed)
+        strategy = strategy_factory(backbone, context, **cell.method.params)
+        b = self._index(self.suite.budgets, cell.budget)
+        budget = self.registry.get("budgets", cell.budget.name, where=self.where, key=f"budgets[{b}].name")(
+            **cell.budget.params)
+        budget.bind(len(splits.train))
+
+        tick = time.perf_counter()
+        strategy.fit(splits.train, budget)
+        phases["fit"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        calibration_trace = compute_trace(strategy, splits.calibration, batch_size=cell.batch_size,
+                                          device=self.device, description="calibration trace")
+        phases["trace_calibration"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        test_trace = compute_trace(strategy, splits.test, batch_size=cell.batch_size, device=self.device,
+                                   description="test trace")
+        phases["trace_test"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        calibrator_ref = cell.method.calibrator
+        calibrator_name = calibrator_ref.name if calibrator_ref else strategy.default_calibrator
+        calibrator_factory = self.registry.get("calibrators", calibrator_name, where=self.where,
+                                               key=f"methods[{m}].calibrator")
+        calibrator = calibrator_factory(**(calibrator_ref.params if calibrator_ref else {}))
+        exit_costs = strategy.exit_costs()
+        generator = torch.Generator().manual_seed(cell.seed)
+        candidates = calibrator.thresholds(calibration_trace, exit_costs, generator)
+        curve = build_curve(calibration_trace, test_trace, exit_costs, candidates)
+        no_exit = test_trace.evaluate(torch.full((1, test_trace.num_exits - 1), float("inf")), exit_costs)
+        phases["calibrate"] = time.perf_counter() - tick
+
+        return {
+            "schema_version": 1,
+            "cell_id": cell.cell_id,
+            "config_hash": cell.config_hash,
+            "config": cell.config(),
+            "suite": self.suite.name,
+            "dataset": cell.dataset.display,
+            "backbone": cell.backbone.display,
+            "method": cell.method.display,
+            "budget": {"name": cell.budget.name, "params": cell.budget.params, "label": budget.describe()},
+            "seed": cell.seed,
+            "calibrator": calibrator_name,
+            "calibration_split": splits.calibration_name,
+            "notes": strategy.notes,
+            "provenance": {
+                "eebench": eebench.__version__,
+                "plugins": {
+                    "dataset": self.registry.plugin_version("datasets", cell.dataset.name),
+                    "backbone": self.registry.plugin_version("backbones", cell.backbone.name),
+                    "method": self.registry.plugin_version("exit_strategies", cell.method.name),
+                    "calibrator": self.registry.plugin_version("calibrators", calibrator_name),
+                    "budget": self.registry.plugin_version("budgets", cell.budget.name),
+                },
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "device": str(self.device),
+                "seconds": {k: round(v, 3) for k, v in phases.items()},
+                "base_backbone": {"key": base_info.key, "source": base_info.source,
+                                  "train_seconds": round(base_info.train_seconds, 2),
+                                  "train_samples": base_info.train_samples},
+            },
+            "sizes": {"train": len(splits.train), "calibration": len(splits.calibration), "test": len(splits.test)},
+            "backbone_macs": stage_costs.total,
+            "backbone_test_accuracy": base_info.test_accuracy,
+            "exits": {"names": strategy.exit_names(), **exit_costs.to_dict()},
+            "spend": budget.spend.to_dict(),
+            "curve": curve.to_dict(),
+            "accuracy_at": {f"{t:g}": curve.accuracy_at(t) for t in self.suite.targets},
+            "hull_end": {"test_accuracy": float(curve.test_accuracy[-1]), "test_cost": float(curve.test_cost[-1])},
+            "no_exit": {"test_accuracy": float(no_exit.accuracy[0]), "test_cost": float(no_exit.cost[0])},
+        }
+
+
+def check_writable(run_dir: Path, key: str) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise EebenchError(f"cannot write there ({exc.strerror}); expected a writable directory",
+                           where=str(run_dir), key=key) from exc
+
+
+def run_suite(suite: Suite, registry: Registry, *, suite_path: str, run_dir: Path, device: torch.device,
+              only: str | None = None, log: Callable[[str], None] = print) -> RunReport:
+    """Run every cell not already finished; each result is on disk before the next starts."""
+    check_writable(run_dir, "--out")
+    cells = [c for c in expand(suite) if only is None or fnmatch.fnmatch(c.cell_id, only)]
+    if not cells:
+        raise EebenchError(f"no cell matches --only '{only}'; expected a glob over cell ids",
+                           where=suite_path, key="--only")
+    runner = Runner(suite, registry, suite_path=suite_path, run_dir=run_dir, device=device, log=log)
+    report = RunReport(run_dir)
+    start = time.perf_counter()
+    for index, cell in enumerate(cells, 1):
+        if finished(run_dir, cell.cell_id, cell.config_hash):
+            report.skipped.append(cell.cell_id)
+            log(f"[{index}/{len(cells)}] {cell.cell_id}: already done, skipped")
+            continue
+        log(f"[{index}/{len(cells)}] {cell.cell_id}: running")
+        tick = time.perf_counter()
+        result = runner.run_cell(cell)
+        write_atomic(cell_path(run_dir, cell.cell_id), result)
+        report.done.append(cell.cell_id)
+        at = ", ".join(f"φ={k}: {v['accuracy']:.3f}" if v else f"φ={k}: —" for k, v in result["accuracy_at"].items())
+        log(f"[{index}/{len(cells)}] {cell.cell_id}: done in {time.perf_counter() - tick:.1f}s ({at})")
+        sys.stdout.flush()
+    report.seconds = time.perf_counter() - start
+    return report

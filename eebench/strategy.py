@@ -1,0 +1,85 @@
+"""The ExitStrategy contract: what an early-exit method must provide to the harness."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from eebench.budget import Budget
+from eebench.costs import ExitCosts, StageCosts
+from eebench.datasets import Augment
+from eebench.model import StagedBackbone
+
+
+@dataclass
+class ExitOutputs:
+    """Per-exit predictions and confidence scores for one batch: both [E, B].
+
+    Scores are oriented so that *higher means more confident*; a method whose rule is
+    "entropy < T" reports ``-entropy``. The last exit always exits.
+    """
+
+    preds: torch.Tensor
+    scores: torch.Tensor
+
+
+@dataclass
+class MethodContext:
+    """What the harness tells a method about the cell it runs in."""
+
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    stage_costs: StageCosts
+    device: torch.device
+    seed: int
+    batch_size: int = 256
+    train_batch_size: int = 128
+    augment: Augment | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ExitStrategy(ABC):
+    """An early-exit method: attaches to exit points, is fitted under a budget, then
+    scores every sample at every exit.
+
+    Class attributes a method may override:
+    ``strict``: exit when score > T (True) or score >= T (False).
+    ``default_calibrator``: the calibrator used when the suite names none.
+    ``notes``: deviations from the paper, shown in the leaderboard.
+    """
+
+    strict: bool = True
+    default_calibrator: str = "per-exit-bisection"
+    notes: str = ""
+
+    def __init__(self, backbone: StagedBackbone, context: MethodContext) -> None:
+        self.backbone = backbone
+        self.context = context
+
+    @abstractmethod
+    def fit(self, train: Dataset, budget: Budget) -> None:
+        """Train or compute whatever the exits need, using only batches from ``budget``."""
+
+    @abstractmethod
+    def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:
+        """Every exit's prediction and score for a batch, from one forward pass."""
+
+    @abstractmethod
+    def exit_costs(self) -> ExitCosts:
+        """MACs to reach each exit and each exit's own overhead."""
+
+    def exit_names(self) -> list[str]:
+        return [f"exit{i}" for i in range(self.exit_costs().num_exits)]
+
+    def modules(self) -> list[nn.Module]:
+        """Modules to move to the device and put in eval mode for traces."""
+        return [self.backbone]
+
+    def eval(self) -> None:
+        for module in self.modules():
+            module.eval()

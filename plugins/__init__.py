@@ -1,0 +1,1 @@
+"""Built-in eebench plugins, registered through the `eebench` entry-point group."""

@@ -1,0 +1,144 @@
+"""Built-in calibrators: they propose threshold vectors from the calibration trace.
+
+The core keeps the upper convex hull of the proposals on the calibration split and
+evaluates those vectors on test; a calibrator never sees the test split.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eebench import hookimpl
+from eebench.api import Calibrator, ExitCosts, ExitTrace
+
+
+def _boundaries(sorted_desc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thresholds letting exactly the top m scores exit (m = 0..N), and which m are reachable.
+
+    Midpoints between consecutive distinct scores work for both ``>`` and ``>=`` rules.
+    """
+    top = torch.nextafter(sorted_desc[:1], torch.full_like(sorted_desc[:1], float("inf")))
+    bottom = torch.nextafter(sorted_desc[-1:], torch.full_like(sorted_desc[-1:], float("-inf")))
+    mids = (sorted_desc[:-1] + sorted_desc[1:]) / 2
+    reachable = torch.ones(sorted_desc.numel() + 1, dtype=torch.bool)
+    reachable[1:-1] = sorted_desc[:-1] > sorted_desc[1:]
+    return torch.cat([top, mids, bottom]), reachable
+
+
+def _fires(scores: torch.Tensor, limits: torch.Tensor, strict: bool) -> torch.Tensor:
+    return scores > limits if strict else scores >= limits
+
+
+def per_exit_search(
+    trace: ExitTrace,
+    costs: ExitCosts,
+    targets: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    sweeps: int = 4,
+    tolerance: float = 5e-4,
+    chunk: int = 0,
+) -> torch.Tensor:
+    """The E2CM paper's search, run for every target at once.
+
+    Thresholds start at random (uniform quantiles of each exit's scores). Exits are then
+    visited front to back (alternating optimisation), each threshold set by binary search
+    over that exit's sorted calibration scores to the value whose mean cost is closest
+    to the target while the others stay fixed; sweeps repeat until every target is met.
+    The 1-D search is exact: cost is a monotone step function of one threshold.
+    """
+    scores = trace.scores[:-1].double()  # [J, N]
+    num_thresholds, num_samples = scores.shape
+    exit_cost = costs.normalised()  # [E], every exit enabled while searching
+    sorted_scores, order = scores.sort(dim=1, descending=True)
+    bounds = [_boundaries(sorted_scores[j]) for j in range(num_thresholds)]
+    levels = torch.rand(targets.numel(), num_thresholds, generator=generator, dtype=torch.float64)
+    picks = (levels * (num_samples - 1)).round().long()
+    init = torch.stack([sorted_scores[j, picks[:, j]] for j in range(num_thresholds)], dim=1)
+    chunk = chunk or max(1, int(1.5e7 // (num_samples * (num_thresholds + 4))))
+    results = []
+    for start in range(0, targets.numel(), chunk):
+        goal = targets[start : start + chunk].double()
+        limits = init[start : start + chunk].clone()
+        fires = _fires(scores[None], limits[:, :, None], trace.strict)  # [v, J, N]
+        always = torch.ones_like(fires[:, :1])
+        for _ in range(sweeps):
+            for j in range(num_thresholds):
+                before = fires[:, :j].any(1)
+                first_before = fires[:, :j].to(torch.uint8).argmax(1) if j else before.long()
+                first_after = torch.cat([fires[:, j + 1 :], always], 1).to(torch.uint8).argmax(1) + j + 1
+                continue_cost = exit_cost[first_after]
+                base = torch.where(before, exit_cost[first_before], continue_cost).sum(1)
+                delta = torch.where(before, 0.0, exit_cost[j] - continue_cost)
+                ranked = delta.gather(1, order[j].expand(delta.shape[0], -1))
+                cost_if_top = (base[:, None] + torch.cat([torch.zeros_like(base[:, None]), ranked.cumsum(1)], 1))
+                distance = (cost_if_top / num_samples - goal[:, None]).abs()
+                thresholds_j, reachable = bounds[j]
+                distance[:, ~reachable] = float("inf")
+                limits[:, j] = thresholds_j[distance.argmin(1)]
+                fires[:, j] = _fires(scores[j][None], limits[:, j, None], trace.strict)
+            first = torch.cat([fires, always], 1).to(torch.uint8).argmax(1)
+            if bool(((exit_cost[first].mean(1) - goal).abs() <= tolerance).all()):
+                break
+        results.append(limits)
+    return torch.cat(results)
+
+
+def disable_unused_exits(trace: ExitTrace, thresholds: torch.Tensor) -> torch.Tensor:
+    """Set to +inf (off, no overhead) every exit that no calibration sample leaves at."""
+    counts = torch.zeros(thresholds.shape[0], trace.num_exits, dtype=torch.long)
+    first = trace.first_exit(thresholds)
+    counts.scatter_add_(1, first, torch.ones_like(first))
+    unused = counts[:, :-1] == 0
+    return torch.where(unused, torch.full_like(thresholds, float("inf")), thresholds)
+
+
+class PerExitBisection(Calibrator):
+    """Per-exit binary search with alternating optimisation (E2CM paper, Sec. IV-A).
+
+    ``targets`` cost targets spaced evenly over (0, 1] (1000: the paper's 0.001 grid).
+    """
+
+    def __init__(self, targets: int = 1000, sweeps: int = 4, tolerance: float = 5e-4) -> None:
+        self.targets = targets
+        self.sweeps = sweeps
+        self.tolerance = tolerance
+
+    def thresholds(self, trace: ExitTrace, costs: ExitCosts, generator: torch.Generator) -> torch.Tensor:
+        goal = torch.arange(1, self.targets + 1, dtype=torch.float64) / self.targets
+        found = per_exit_search(trace, costs, goal, generator, sweeps=self.sweeps, tolerance=self.tolerance)
+        return disable_unused_exits(trace, found)
+
+
+class SharedThresholdSweep(Calibrator):
+    """One threshold shared by every exit, swept over quantiles of all calibration scores."""
+
+    def __init__(self, points: int = 1000) -> None:
+        self.points = points
+
+    def thresholds(self, trace: ExitTrace, costs: ExitCosts, generator: torch.Generator) -> torch.Tensor:
+        pooled = trace.scores[:-1].flatten().double().sort().values
+        picks = torch.linspace(0, pooled.numel() - 1, self.points).round().long()
+        values = torch.nextafter(pooled[picks], torch.full_like(pooled[picks], float("-inf")))
+        shared = values[:, None].expand(-1, trace.num_exits - 1).contiguous()
+        return disable_unused_exits(trace, shared)
+
+
+class RandomSearch(Calibrator):
+    """The E2CM code's baseline: thresholds drawn uniformly at random (in quantile space)."""
+
+    def __init__(self, samples: int = 100) -> None:
+        self.samples = samples
+
+    def thresholds(self, trace: ExitTrace, costs: ExitCosts, generator: torch.Generator) -> torch.Tensor:
+        sorted_scores = trace.scores[:-1].double().sort(dim=1).values
+        levels = torch.rand(self.samples, trace.num_exits - 1, generator=generator, dtype=torch.float64)
+        picks = (levels * (trace.num_samples - 1)).round().long()
+        return torch.stack([sorted_scores[j, picks[:, j]] for j in range(trace.num_exits - 1)], dim=1)
+
+
+@hookimpl
+def register_calibrators(register) -> None:
+    register("per-exit-bisection", PerExitBisection)
+    register("shared-threshold", SharedThresholdSweep)
+    register("random-search", RandomSearch)
