@@ -143,6 +143,8 @@ class Runner:
                                              key=f"methods[{m}].name")
         torch.manual_seed(cell.seed)
         strategy = strategy_factory(backbone, context, **cell.method.params)
+        for module in strategy.modules():
+            module.to(self.device)
         b = self._index(self.suite.budgets, cell.budget)
         budget = self.registry.get("budgets", cell.budget.name, where=self.where, key=f"budgets[{b}].name")(
             **cell.budget.params)

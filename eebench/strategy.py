@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -14,6 +14,9 @@ from eebench.budget import Budget
 from eebench.costs import ExitCosts, StageCosts
 from eebench.datasets import Augment
 from eebench.model import StagedBackbone
+
+if TYPE_CHECKING:
+    from eebench.trace import ExitTrace
 
 
 @dataclass
@@ -49,11 +52,14 @@ class ExitStrategy(ABC):
 
     Class attributes a method may override:
     ``strict``: exit when score > T (True) or score >= T (False).
+    ``chained``: an exit's score needs every earlier exit evaluated (patience-style rules),
+    so switching an early exit off does not save its overhead.
     ``default_calibrator``: the calibrator used when the suite names none.
     ``notes``: deviations from the paper, shown in the leaderboard.
     """
 
     strict: bool = True
+    chained: bool = False
     default_calibrator: str = "per-exit-bisection"
     notes: str = ""
 
@@ -73,11 +79,15 @@ class ExitStrategy(ABC):
     def exit_costs(self) -> ExitCosts:
         """MACs to reach each exit and each exit's own overhead."""
 
+    def precomputed_trace(self, dataset: Dataset) -> ExitTrace | None:
+        """A trace the method already holds for ``dataset`` (saves a pass), or None."""
+        return None
+
     def exit_names(self) -> list[str]:
         return [f"exit{i}" for i in range(self.exit_costs().num_exits)]
 
     def modules(self) -> list[nn.Module]:
-        """Modules to move to the device and put in eval mode for traces."""
+        """Modules the harness moves to the device and puts in eval mode for traces."""
         return [self.backbone]
 
     def eval(self) -> None:

@@ -28,9 +28,13 @@ class Evaluation:
 @dataclass
 class ExitTrace:
     preds: torch.Tensor  # [E, N] long
-    scores: torch.Tensor  # [E, N] float
+    scores: torch.Tensor  # [E, N] float64
     labels: torch.Tensor  # [N] long
     strict: bool = True
+    chained: bool = False  # an exit's score needs every earlier exit evaluated (e.g. patience)
+
+    def __post_init__(self) -> None:
+        self.scores = self.scores.double()  # thresholds sit between adjacent scores: keep full precision
 
     @property
     def num_exits(self) -> int:
@@ -44,42 +48,41 @@ class ExitTrace:
     def correct(self) -> torch.Tensor:
         return self.preds == self.labels[None, :]
 
-    def fires(self, thresholds: torch.Tensor) -> torch.Tensor:
-        """[V, E-1, N] bool: would exit j let sample n leave under threshold vector v."""
-        scores = self.scores[None, :-1, :]
-        limits = thresholds[:, :, None].to(self.scores.dtype)
-        return scores > limits if self.strict else scores >= limits
-
     def first_exit(self, thresholds: torch.Tensor) -> torch.Tensor:
         """[V, N] index of the exit each sample leaves at (the last exit if none fires)."""
-        fires = self.fires(thresholds)
-        always = torch.ones_like(fires[:, :1, :])
-        return torch.cat([fires, always], dim=1).to(torch.uint8).argmax(dim=1)
+        thresholds = torch.as_tensor(thresholds, dtype=torch.float64)
+        first = torch.full((thresholds.shape[0], self.num_samples), self.num_exits - 1, dtype=torch.long)
+        for j in range(self.num_exits - 2, -1, -1):  # walking backwards leaves the earliest firing exit
+            limits = thresholds[:, j, None]
+            first.masked_fill_(self.scores[j] > limits if self.strict else self.scores[j] >= limits, j)
+        return first
 
     def evaluate(self, thresholds: torch.Tensor, costs: ExitCosts, chunk: int = 0) -> Evaluation:
         """Cost, accuracy and exit counts of each threshold vector ([V, E-1]).
 
-        A threshold of +inf disables its exit: it never fires and its overhead is not paid.
+        A threshold of +inf disables its exit: it never fires and its overhead is not paid
+        (for ``chained`` methods every exit before the last enabled one is still paid).
         """
         thresholds = torch.as_tensor(thresholds, dtype=torch.float64)
         if thresholds.ndim == 1:
             thresholds = thresholds[None, :]
         if thresholds.shape[1] != self.num_exits - 1:
             raise ValueError(f"expected {self.num_exits - 1} thresholds, got {thresholds.shape[1]}")
-        chunk = chunk or max(1, int(4e7 // max(1, self.num_exits * self.num_samples)))
+        chunk = chunk or max(1, int(2e7 // max(1, self.num_samples)))
         correct = self.correct
         out_cost, out_acc, out_counts = [], [], []
         for start in range(0, thresholds.shape[0], chunk):
             block = thresholds[start : start + chunk]
             enabled = torch.cat([torch.isfinite(block), torch.ones_like(block[:, :1], dtype=torch.bool)], 1)
-            exit_cost = costs.normalised(enabled)  # [v, E]
+            if self.chained:
+                enabled = enabled.flip(-1).cummax(-1).values.flip(-1)
             first = self.first_exit(block)  # [v, N]
-            counts = torch.zeros(block.shape[0], self.num_exits, dtype=torch.long)
-            counts.scatter_add_(1, first, torch.ones_like(first))
+            rows = torch.arange(block.shape[0])[:, None] * self.num_exits
+            counts = (first + rows).flatten().bincount(minlength=block.shape[0] * self.num_exits)
+            counts = counts.view(block.shape[0], self.num_exits)
             out_counts.append(counts)
-            out_cost.append((counts.double() * exit_cost).sum(1) / self.num_samples)
-            hit = correct.gather(0, first)  # hit[v, n] = correct[first[v, n], n]
-            out_acc.append(hit.double().mean(1))
+            out_cost.append((counts.double() * costs.normalised(enabled)).sum(1) / self.num_samples)
+            out_acc.append(correct.gather(0, first).sum(1).double() / self.num_samples)
         return Evaluation(torch.cat(out_cost), torch.cat(out_acc), torch.cat(out_counts))
 
 
@@ -93,16 +96,20 @@ def compute_trace(
     description: str = "trace",
 ) -> ExitTrace:
     """One batched pass over ``dataset`` collecting every exit's prediction and score."""
+    cached = strategy.precomputed_trace(dataset)
+    if cached is not None:
+        return cached
     strategy.eval()
     preds, scores, labels = [], [], []
     for x, y in iterate_batches(dataset, batch_size, device=device, description=description):
         out = strategy.exit_outputs(x)
         preds.append(out.preds.cpu())
-        scores.append(out.scores.float().cpu())
+        scores.append(out.scores.double().cpu())
         labels.append(y.cpu())
     return ExitTrace(
         preds=torch.cat(preds, dim=1).long(),
         scores=torch.cat(scores, dim=1),
         labels=torch.cat(labels).long(),
         strict=strategy.strict,
+        chained=strategy.chained,
     )

@@ -30,6 +30,7 @@ from eebench.api import (
     ExitCosts,
     ExitOutputs,
     ExitStrategy,
+    ExitTrace,
     MethodContext,
     StagedBackbone,
     iterate_batches,
@@ -145,16 +146,42 @@ class E2CM(ExitStrategy):
         budget.spend.seconds = budget.elapsed()
 
     def _fit_divisors(self, train: Dataset, seen: int) -> None:
-        """Eq. 4: mean distance to each class mean over the training samples used."""
+        """Eq. 4: mean distance to each class mean over the training samples used.
+
+        The raw distances are kept, so when the calibration split is this training split its
+        trace costs no further forward pass.
+        """
         subset = take(train, torch.arange(seen)) if seen < len(train) else train
-        totals = [torch.zeros(self.context.num_classes, dtype=torch.float64) for _ in self.exits]
-        for x, _ in iterate_batches(subset, self.context.batch_size, device=self.context.device,
+        raw: list[list[torch.Tensor]] = [[] for _ in self.exits]
+        heads, labels = [], []
+        for x, y in iterate_batches(subset, self.context.batch_size, device=self.context.device,
                                     description="e2cm divisors"):
             for k, (exit_module, features) in enumerate(self._exit_features(x)):
-                totals[k] += exit_module.distances(features).sum(0).cpu()
-        for exit_module, total in zip(self.exits, totals, strict=True):
-            divisors = total / max(seen, 1)
+                raw[k].append(exit_module.distances(features).cpu())
+            heads.append(torch.softmax(self.backbone.head(self._last).double(), dim=1).max(1))
+            labels.append(y.cpu())
+        distances = [torch.cat(chunks) for chunks in raw]
+        for exit_module, d in zip(self.exits, distances, strict=True):
+            divisors = d.mean(0)
             exit_module.divisors.copy_(torch.where(torch.isfinite(divisors) & (divisors > 0), divisors, 1.0))
+        if seen == len(train):
+            final_scores = torch.cat([h.values.cpu() for h in heads])
+            final_preds = torch.cat([h.indices.cpu() for h in heads])
+            self._train_trace = (train, distances, final_preds, final_scores, torch.cat(labels))
+
+    def precomputed_trace(self, dataset: Dataset) -> ExitTrace | None:
+        """The training split's trace from the divisor pass (same numbers as a fresh pass)."""
+        cached = getattr(self, "_train_trace", None)
+        if cached is None or cached[0] is not dataset:
+            return None
+        _, distances, final_preds, final_scores, labels = cached
+        preds, scores = [], []
+        for exit_module, d in zip(self.exits, distances, strict=True):
+            score, pred = torch.softmax(-d / exit_module.divisors.cpu(), dim=1).max(1)
+            preds.append(pred)
+            scores.append(score)
+        return ExitTrace(torch.stack([*preds, final_preds]), torch.stack([*scores, final_scores]), labels,
+                         strict=self.strict)
 
     @torch.no_grad()
     def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:

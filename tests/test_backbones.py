@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-import eebench_plugins.backbones as backbones
 import pytest
 import timm
 import torch
-from eebench_plugins.backbones.cifar_resnet import CifarResNet
-from eebench_plugins.backbones.timm_nets import stage_timm
-from eebench_plugins.backbones.torchvision_nets import build_torchvision
 from torch import nn
 from torchvision import models
 
+import eebench_plugins.backbones as backbones
 from eebench.api import StageCosts, StagedBackbone
+from eebench_plugins.backbones.cifar_resnet import CifarResNet
+from eebench_plugins.backbones.timm_nets import stage_timm
+from eebench_plugins.backbones.torchvision_nets import build_torchvision
 
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 NUM_CLASSES = 10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny convs gain nothing from threads, and on a busy 2-core box OpenMP's barriers
+    make them ~100x slower; restore the setting for the rest of the session."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +154,7 @@ def conv_linear_macs(module: nn.Module, x: torch.Tensor) -> int:
         ((3, 32, 32), 40_813_184, 41.15e6, 41.30e6),
         ((1, 28, 28), 31_021_952, 31.25e6, 31.40e6),
     ],
+    ids=["3x32x32", "1x28x28"],
 )
 def test_resnet20_macs(
     factories: dict[str, Callable], shape: tuple[int, int, int], conv_macs: int, low: float, high: float

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from eebench_plugins import datasets as ds
 
 from eebench.datasets import DatasetBundle, TensorImageDataset
 from eebench.errors import EebenchError
+from eebench_plugins import datasets as ds
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 needs_debian = pytest.mark.skipif(

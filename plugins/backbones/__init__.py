@@ -6,17 +6,18 @@ Every factory is ``factory(num_classes, input_shape, **params) -> StagedBackbone
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
+from eebench import hookimpl
 from eebench_plugins.backbones.cifar_resnet import DEPTHS, cifar_resnet
 from eebench_plugins.backbones.timm_nets import timm_backbone
 from eebench_plugins.backbones.torchvision_nets import ARCHITECTURES, torchvision_backbone
 
-from eebench import hookimpl
-
 
 @hookimpl
-def register_backbones(register) -> None:
+def register_backbones(register: Callable[..., None]) -> None:
+    """CIFAR ResNets by depth, torchvision networks by their torchvision name, ``timm:`` prefix."""
     for depth in DEPTHS:
         register(f"resnet{depth}", partial(cifar_resnet, depth))
     for arch in ARCHITECTURES:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from eebench_plugins.backbones._common import check_input_shape, check_num_classes, kaiming_conv
 from torch import nn
 
 from eebench.api import StagedBackbone
+from eebench_plugins.backbones._common import check_input_shape, check_num_classes, kaiming_conv
 
 DEPTHS = (20, 32, 44, 56, 110)
 BASE_WIDTHS = (16, 32, 64)

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from eebench_plugins.backbones._common import check_input_shape, check_num_classes, flatten_blocks
 from torch import nn
 
 from eebench.api import StagedBackbone
+from eebench_plugins.backbones._common import check_input_shape, check_num_classes, flatten_blocks
 
 SUPPORTED_FAMILIES = (
     "ResNet-like (conv1/bn1/act1/maxpool + layer1..4: resnet, resnetd, seresnet, resnext), "

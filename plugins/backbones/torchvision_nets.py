@@ -10,6 +10,11 @@ itself, and :func:`stage_torchvision` reuses its modules, so both compute the sa
 
 from __future__ import annotations
 
+from torch import nn
+from torchvision import models
+from torchvision.models import EfficientNet, MobileNetV3, ResNet
+
+from eebench.api import StagedBackbone
 from eebench_plugins.backbones._common import (
     check_input_shape,
     check_num_classes,
@@ -17,11 +22,6 @@ from eebench_plugins.backbones._common import (
     is_small_input,
     replace_first_conv,
 )
-from torch import nn
-from torchvision import models
-from torchvision.models import EfficientNet, MobileNetV3, ResNet
-
-from eebench.api import StagedBackbone
 
 ARCHITECTURES = ("resnet18", "resnet152", "wide_resnet101_2", "mobilenet_v3_large", "efficientnet_b0")
 

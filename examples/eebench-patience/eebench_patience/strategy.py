@@ -16,7 +16,8 @@ T = k shared by every exit (the ``shared-threshold`` calibrator sweeps it). PABE
 Costs and their approximations:
 - exit j pays the backbone up to its stage (``StageCosts.through``) plus every evaluated
   IC's MACs, counted by fvcore like the backbone (C*H*W for the pooling + C*K for the
-  Linear); the final exit is the plain backbone with no overhead of its own;
+  Linear); the final exit is the plain backbone with no overhead of its own; ``chained``
+  tells the harness that every IC before the exit is paid even when its own exit is off;
 - training MACs per sample = backbone forward up to the last IC's stage (the only part the
   fit runs) + 3x the ICs' forward MACs (forward, plus a backward taken as twice the forward);
   the backbone gets no backward pass because it is frozen.
@@ -68,6 +69,7 @@ class PatienceExit(ExitStrategy):
     """
 
     strict = False
+    chained = True  # the counter at exit j needs every earlier IC: switching one off saves nothing
     default_calibrator = "shared-threshold"
     notes = (
         "Patience (PABEE, example plugin): GAP+Linear ICs trained on the frozen backbone (Adam, summed CE); "
