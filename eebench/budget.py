@@ -81,24 +81,25 @@ class Budget(ABC):
         self.start()
         generator = torch.Generator().manual_seed(seed)
         epoch = 0
-        while not self.exhausted():
-            stream = iterate_batches(
-                dataset, batch_size, device=device, shuffle=shuffle, generator=generator,
-                description=f"{description} epoch {epoch + 1}",
-            )
-            for x, y in stream:
-                if self.exhausted():
-                    stream.close()
-                    return
-                x, y = self._trim(x, y)
-                if augment is not None:
-                    x = augment(x, generator)
-                self.spend.samples += int(y.shape[0])
-                self.spend.batches += 1
-                yield x, y
-                self.spend.seconds = self.elapsed()
-            epoch += 1
-        self.spend.seconds = self.elapsed()
+        try:
+            while not self.exhausted():
+                stream = iterate_batches(
+                    dataset, batch_size, device=device, shuffle=shuffle, generator=generator,
+                    description=f"{description} epoch {epoch + 1}",
+                )
+                for x, y in stream:
+                    if self.exhausted():
+                        stream.close()
+                        return
+                    x, y = self._trim(x, y)
+                    if augment is not None:
+                        x = augment(x, generator)
+                    self.spend.samples += int(y.shape[0])
+                    self.spend.batches += 1
+                    yield x, y
+                epoch += 1
+        finally:
+            self.spend.seconds = self.elapsed()
 
     def _trim(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cut the last batch so a sample budget is met exactly."""

@@ -49,6 +49,12 @@ def upper_hull(cost: torch.Tensor, accuracy: torch.Tensor) -> list[int]:
     return hull[: best + 1]
 
 
+def best_point_under(calibration_cost: list[float], test_accuracy: list[float], target: float) -> int | None:
+    """Index of the most accurate test point among those with calibration cost <= target."""
+    eligible = [i for i, cost in enumerate(calibration_cost) if cost <= target + 1e-12]
+    return max(eligible, key=lambda i: test_accuracy[i]) if eligible else None
+
+
 @dataclass
 class Curve:
     """The hull's threshold vectors with their calibration and test results."""
@@ -63,15 +69,14 @@ class Curve:
 
     def accuracy_at(self, target: float) -> dict[str, float] | None:
         """Best test point whose calibration cost is <= target (None if none qualifies)."""
-        eligible = (self.calibration_cost <= target + 1e-12).nonzero().flatten()
-        if eligible.numel() == 0:
+        best = best_point_under(self.calibration_cost.tolist(), self.test_accuracy.tolist(), target)
+        if best is None:
             return None
-        best = eligible[self.test_accuracy[eligible].argmax()]
         return {
             "accuracy": float(self.test_accuracy[best]),
             "test_cost": float(self.test_cost[best]),
             "calibration_cost": float(self.calibration_cost[best]),
-            "point": int(best),
+            "point": best,
         }
 
     def to_dict(self) -> dict[str, object]:

@@ -19,10 +19,10 @@ from eebench.model import StagedBackbone
 
 def count_macs(module: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...]) -> float:
     """MACs of ``module`` on ``example`` (batch 1) as fvcore counts them."""
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
     from fvcore.nn import FlopCountAnalysis
 
-    logging.getLogger("fvcore").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
     inputs = example if isinstance(example, tuple) else (example,)
     was_training = module.training
     module.eval()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import eebench
+from eebench.calibration import best_point_under
 from eebench.results import load_results
 
 PHI_RULE = (
@@ -114,9 +115,8 @@ def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
         for label, rows in _group(group, lambda r: _row_label(r, many_budgets)).items():
             cells = []
             for t in columns:
-                values = [r["accuracy_at"].get(f"{t:g}") for r in rows] if f"{t:g}" in rows[0]["accuracy_at"] \
-                    else [_best_under(r, t) for r in rows]
-                cells.append(_fmt([v["accuracy"] for v in values if v]) if all(values) else "—")
+                values = [_accuracy_under(r, t) for r in rows]
+                cells.append("—" if None in values else _fmt(values))
             end = [r["hull_end"] for r in rows]
             end_cost = statistics.mean(e["test_cost"] for e in end)
             lines.append(f"| {label} | " + " | ".join(cells)
@@ -135,13 +135,10 @@ def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
     return path
 
 
-def _best_under(result: dict[str, Any], target: float) -> dict[str, float] | None:
+def _accuracy_under(result: dict[str, Any], target: float) -> float | None:
     curve = result["curve"]
-    eligible = [i for i, c in enumerate(curve["calibration"]["cost"]) if c <= target + 1e-12]
-    if not eligible:
-        return None
-    best = max(eligible, key=lambda i: curve["test"]["accuracy"][i])
-    return {"accuracy": curve["test"]["accuracy"][best]}
+    best = best_point_under(curve["calibration"]["cost"], curve["test"]["accuracy"], target)
+    return None if best is None else curve["test"]["accuracy"][best]
 
 
 def _exit_table(group: list[dict[str, Any]], many_budgets: bool, targets: list[float]) -> list[str]:

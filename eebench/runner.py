@@ -66,10 +66,8 @@ def make_splits(bundle: DatasetBundle, spec: DatasetSpec, seed: int) -> Splits:
 class Runner:
     """Holds what cells share: datasets, base backbones and their costs."""
 
-    def __init__(self, suite: Suite, registry: Registry, *, suite_path: str, run_dir: Path,
-                 device: torch.device, log: Callable[[str], None] = print) -> None:
-        self.suite, self.registry, self.where = suite, registry, suite_path
-        self.run_dir, self.device, self.log = run_dir, device, log
+    def __init__(self, suite: Suite, registry: Registry, *, suite_path: str, device: torch.device) -> None:
+        self.suite, self.registry, self.where, self.device = suite, registry, suite_path, device
         self._splits: dict[str, Splits] = {}
         self._bases: dict[str, tuple[dict, BaseInfo, StageCosts]] = {}
 
@@ -93,7 +91,8 @@ class Runner:
         factory = self.registry.get("backbones", spec.name, where=self.where, key=f"backbones[{i}].name")
         torch.manual_seed(seed)
         try:
-            return factory(bundle.num_classes, bundle.input_shape, **spec.params)
+            model = factory(bundle.num_classes, bundle.input_shape, **spec.params)
+            return model.to(memory_format=torch.channels_last)
         except (TypeError, ValueError) as exc:
             raise EebenchError(f"{exc}", where=self.where, key=f"backbones[{i}].params") from exc
 
@@ -238,7 +237,7 @@ def run_suite(suite: Suite, registry: Registry, *, suite_path: str, run_dir: Pat
     if not cells:
         raise EebenchError(f"no cell matches --only '{only}'; expected a glob over cell ids",
                            where=suite_path, key="--only")
-    runner = Runner(suite, registry, suite_path=suite_path, run_dir=run_dir, device=device, log=log)
+    runner = Runner(suite, registry, suite_path=suite_path, device=device)
     report = RunReport(run_dir)
     start = time.perf_counter()
     for index, cell in enumerate(cells, 1):

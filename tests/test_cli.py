@@ -103,7 +103,7 @@ def test_unwritable_output_directory(tmp_path, capsys) -> None:
 
 
 def test_nan_loss_is_reported(tmp_path, capsys) -> None:
-    suite = edited(backbones__0__recipe={"epochs": 1, "batch_size": 50, "lr": 1e12})
+    suite = edited(backbones__0__recipe={"epochs": 1, "batch_size": 50, "lr": 1e38})
     path = write_suite(tmp_path, suite)
     code, err = run_cli(["run", path, "--out", str(tmp_path / "run"), "--leaderboards", str(tmp_path / "b")], capsys)
     line = one_line_error(err)

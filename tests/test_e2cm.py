@@ -111,3 +111,32 @@ def test_cached_training_trace_equals_a_fresh_pass(fitted) -> None:
     assert torch.equal(cached.preds, preds)
     assert torch.allclose(cached.scores, scores.double(), rtol=1e-9, atol=1e-12)
     assert torch.equal(cached.labels, train.labels)
+
+
+def test_max_pooling_reduces_features_and_is_costed(trained_resnet20, small_fmnist) -> None:
+    bundle, train, _ = small_fmnist
+    model = copy.deepcopy(trained_resnet20)
+    context = MethodContext(10, bundle.input_shape, StageCosts.measure(model, bundle.input_shape),
+                            torch.device("cpu"), seed=0, batch_size=64)
+    strategy = E2CM(model, context, pool_to=4)
+    strategy.fit(train, SamplesBudget(len(train)))
+    first = strategy.exits[0]
+    assert first.dim == 16 * 4 * 4
+    with torch.no_grad():
+        outputs, _ = model.stage_outputs(train.images)
+    pooled = torch.nn.functional.adaptive_max_pool2d(outputs[strategy.exit_stages[0]], 4).flatten(1).double()
+    assert torch.allclose(first.means[3], pooled[train.labels == 3].mean(0), rtol=1e-9, atol=1e-9)
+    assert strategy.exit_costs().overhead_macs[0].item() == 10 * (3 * 256 - 1) + 16 * 28 * 28
+
+
+def test_fitting_twice_gives_identical_numbers(fitted, trained_resnet20, small_fmnist) -> None:
+    strategy, _, train, test = fitted
+    bundle = small_fmnist[0]
+    again = E2CM(copy.deepcopy(trained_resnet20), strategy.context)
+    budget = EpochsBudget(1)
+    budget.bind(len(train))
+    again.fit(train, budget)
+    first = compute_trace(strategy, test, batch_size=100, device="cpu")
+    second = compute_trace(again, test, batch_size=100, device="cpu")
+    assert bundle.num_classes == 10
+    assert torch.equal(first.preds, second.preds) and torch.equal(first.scores, second.scores)
