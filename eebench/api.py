@@ -12,6 +12,7 @@ promised to stay stable. Each plugin kind is a factory registered under a name:
 
 from __future__ import annotations
 
+from eebench.activations import ActivationCache, Activations, Reducer
 from eebench.budget import Budget, Spend, TrainingBudget
 from eebench.calibration import Calibrator, upper_hull
 from eebench.costs import ExitCosts, StageCosts, count_macs, softmax_macs
@@ -24,6 +25,9 @@ from eebench.strategy import ExitOutputs, ExitStrategy, MethodContext
 from eebench.trace import ExitTrace
 
 __all__ = [
+    "ActivationCache",
+    "Activations",
+    "Reducer",
     "Budget",
     "Calibrator",
     "DatasetBundle",

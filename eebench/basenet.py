@@ -143,7 +143,8 @@ def prepare_backbone(
         load_checkpoint(model, Path(checkpoint), where, f"{key}.checkpoint")
         model.to(device)
         acc = accuracy(model, test, eval_batch_size, device)
-        return BaseInfo(content_hash(payload), acc, 0.0, 0, True, f"checkpoint {checkpoint}")
+        return BaseInfo(content_hash({**payload, "checkpoint": checkpoint}), acc, 0.0, 0, True,
+                        f"checkpoint {checkpoint}")
     digest = content_hash(payload)
     folder = cache_dir() / "backbones"
     weights, meta = folder / f"{digest}.pt", folder / f"{digest}.json"

@@ -56,6 +56,19 @@ class StageCosts:
         """MACs of running stages 0..stage_index inclusive."""
         return float(sum(self.stage_macs[: stage_index + 1]))
 
+    def stages_at_fractions(self, candidates: list[int], fractions: list[float]) -> list[int]:
+        """For each fraction, the first candidate stage whose cumulative cost reaches it.
+
+        SDN places its six ICs this way (15, 30, ..., 90 % of the backbone); duplicates are
+        kept out, so a coarse backbone may yield fewer stages than fractions.
+        """
+        picked: list[int] = []
+        for fraction in fractions:
+            stage = next((s for s in candidates if self.through(s) >= fraction * self.total), None)
+            if stage is not None and stage not in picked:
+                picked.append(stage)
+        return picked
+
     @classmethod
     def measure(cls, backbone: StagedBackbone, input_shape: tuple[int, ...]) -> StageCosts:
         device = next(backbone.parameters()).device

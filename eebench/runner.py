@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 import eebench
+from eebench.activations import ActivationCache
 from eebench.basenet import BaseInfo, prepare_backbone
 from eebench.calibration import build_curve
 from eebench.costs import StageCosts
@@ -68,6 +69,7 @@ class Runner:
 
     def __init__(self, suite: Suite, registry: Registry, *, suite_path: str, device: torch.device) -> None:
         self.suite, self.registry, self.where, self.device = suite, registry, suite_path, device
+        self.activations = ActivationCache()
         self._splits: dict[str, Splits] = {}
         self._bases: dict[str, tuple[dict, BaseInfo, StageCosts]] = {}
 
@@ -137,7 +139,9 @@ class Runner:
             num_classes=splits.bundle.num_classes, input_shape=splits.bundle.input_shape,
             stage_costs=stage_costs, device=self.device, seed=cell.seed, batch_size=cell.batch_size,
             train_batch_size=cell.train_batch_size, augment=splits.bundle.augment,
+            backbone_key=base_info.key, activations=self.activations,
         )
+        self.activations.keep_only(base_info.key)
         strategy_factory = self.registry.get("exit_strategies", cell.method.name, where=self.where,
                                              key=f"methods[{m}].name")
         torch.manual_seed(cell.seed)

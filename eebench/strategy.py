@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from eebench.activations import ActivationCache, Activations, Reducer
 from eebench.budget import Budget
 from eebench.costs import ExitCosts, StageCosts
 from eebench.datasets import Augment
@@ -43,6 +44,8 @@ class MethodContext:
     batch_size: int = 256
     train_batch_size: int = 128
     augment: Augment | None = None
+    backbone_key: str = ""
+    activations: ActivationCache = field(default_factory=ActivationCache)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -78,6 +81,19 @@ class ExitStrategy(ABC):
     @abstractmethod
     def exit_costs(self) -> ExitCosts:
         """MACs to reach each exit and each exit's own overhead."""
+
+    def shared_activations(self, dataset: Dataset, reducer: Reducer, reducer_key: str) -> Activations:
+        """Reduced outputs of every exit point of the *frozen* backbone, shared across methods.
+
+        Only for methods that leave the backbone untouched: the cache is keyed by the base
+        backbone, so a method that trains the backbone must run it itself.
+        """
+        key = self.context.backbone_key or f"untracked-{id(self.backbone)}"
+        activations, _ = self.context.activations.get(
+            self.backbone, dataset, reducer, backbone_key=key, reducer_key=reducer_key,
+            batch_size=self.context.batch_size, device=self.context.device,
+        )
+        return activations
 
     def precomputed_trace(self, dataset: Dataset) -> ExitTrace | None:
         """A trace the method already holds for ``dataset`` (saves a pass), or None."""

@@ -1,0 +1,83 @@
+"""Frozen-backbone activations, computed in one pass and shared by every method that needs them.
+
+Methods that train heads on a frozen backbone (internal classifiers, decision functions)
+ask the context for reduced stage outputs instead of running the backbone themselves; the
+first request for a (base backbone, split, reducer) pays one forward pass, every later one
+- in the same cell or another cell of the run - reads the cache. The backbone must be in
+eval mode and unchanged, which is exactly the frozen-backbone setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from eebench.model import StagedBackbone
+from eebench.passes import iterate_batches
+
+Reducer = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Activations:
+    """Reduced outputs of the backbone's exit-point stages for every sample of a split."""
+
+    features: dict[int, torch.Tensor]  # stage index -> [N, ...] (CPU, storage dtype)
+    logits: torch.Tensor  # [N, K] the backbone head's logits
+    labels: torch.Tensor  # [N]
+    passes: int = 1  # forward passes the cache has paid for these (for spend reports)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class ActivationCache:
+    """In-process store keyed by (base backbone, split, reducer); one per run."""
+
+    def __init__(self, storage_dtype: torch.dtype = torch.float16) -> None:
+        self.storage_dtype = storage_dtype
+        self._store: dict[tuple[str, int, str], Activations] = {}
+        self.forward_samples = 0  # what the cache really cost, summed over the run
+
+    def get(
+        self,
+        backbone: StagedBackbone,
+        dataset: Dataset,
+        reducer: Reducer,
+        *,
+        backbone_key: str,
+        reducer_key: str,
+        batch_size: int,
+        device: torch.device | str,
+    ) -> tuple[Activations, bool]:
+        """Activations of every exit point of ``backbone`` on ``dataset``; (value, was_cached)."""
+        key = (backbone_key, id(dataset), reducer_key)
+        if key in self._store:
+            return self._store[key], True
+        self._store[key] = self._compute(backbone, dataset, reducer, batch_size, device)
+        self.forward_samples += len(dataset)
+        return self._store[key], False
+
+    def keep_only(self, backbone_key: str) -> None:
+        """Free everything computed for other backbones (cells come grouped by backbone)."""
+        for key in [k for k in self._store if k[0] != backbone_key]:
+            del self._store[key]
+
+    @torch.no_grad()
+    def _compute(self, backbone: StagedBackbone, dataset: Dataset, reducer: Reducer, batch_size: int,
+                 device: torch.device | str) -> Activations:
+        backbone.eval()
+        wanted = set(backbone.exit_points)
+        chunks: dict[int, list[torch.Tensor]] = {s: [] for s in backbone.exit_points}
+        logits, labels = [], []
+        for x, y in iterate_batches(dataset, batch_size, device=device, description="shared activations"):
+            out = x
+            for index, out in backbone.iter_stages(x):
+                if index in wanted:
+                    chunks[index].append(reducer(index, out).to("cpu", self.storage_dtype))
+            logits.append(backbone.head(out).float().cpu())
+            labels.append(y.cpu())
+        return Activations({s: torch.cat(c) for s, c in chunks.items()}, torch.cat(logits), torch.cat(labels))
