@@ -66,6 +66,7 @@ class Curve:
     test_accuracy: torch.Tensor
     test_exit_counts: torch.Tensor  # [P, E]
     candidates: int
+    variants: torch.Tensor | None = None  # [P] index of the rule variant of each point
 
     def accuracy_at(self, target: float) -> dict[str, float] | None:
         """Best test point whose calibration cost is <= target (None if none qualifies)."""
@@ -83,6 +84,7 @@ class Curve:
         return {
             "candidates": self.candidates,
             "thresholds": [[float(t) if torch.isfinite(t) else None for t in row] for row in self.thresholds],
+            "variants": [] if self.variants is None else self.variants.tolist(),
             "calibration": {"cost": self.calibration_cost.tolist(), "accuracy": self.calibration_accuracy.tolist()},
             "test": {
                 "cost": self.test_cost.tolist(),
@@ -93,21 +95,46 @@ class Curve:
 
 
 def build_curve(
-    calibration: ExitTrace, test: ExitTrace, costs: ExitCosts, candidates: torch.Tensor
+    calibration: ExitTrace | list[ExitTrace],
+    test: ExitTrace | list[ExitTrace],
+    costs: ExitCosts,
+    candidates: torch.Tensor | list[torch.Tensor],
 ) -> Curve:
-    """Hull on calibration, then evaluate the hull's vectors on test."""
-    never = torch.full((1, calibration.num_exits - 1), float("inf"), dtype=torch.float64)
-    candidates = torch.cat([torch.as_tensor(candidates, dtype=torch.float64), never])
-    on_cal = calibration.evaluate(candidates, costs)
-    keep = torch.tensor(upper_hull(on_cal.cost, on_cal.accuracy), dtype=torch.long)
-    chosen = candidates[keep]
-    on_test = test.evaluate(chosen, costs)
+    """Hull on calibration over every variant's candidates, then evaluate the hull on test.
+
+    Lists hold one trace (and one candidate tensor) per variant of the method's rule; the
+    all-exits-off vector is always a candidate, so the plain backbone is on the table.
+    """
+    cal = calibration if isinstance(calibration, list) else [calibration]
+    tst = test if isinstance(test, list) else [test]
+    per_variant = candidates if isinstance(candidates, list) else [candidates]
+    never = torch.full((1, cal[0].num_exits - 1), float("inf"), dtype=torch.float64)
+    vectors, variants, cal_cost, cal_acc = [], [], [], []
+    for index, (trace, proposed) in enumerate(zip(cal, per_variant, strict=True)):
+        block = torch.as_tensor(proposed, dtype=torch.float64)
+        if index == 0:
+            block = torch.cat([block, never])
+        on_cal = trace.evaluate(block, costs)
+        vectors.append(block)
+        variants.append(torch.full((block.shape[0],), index, dtype=torch.long))
+        cal_cost.append(on_cal.cost)
+        cal_acc.append(on_cal.accuracy)
+    all_vectors, all_variants = torch.cat(vectors), torch.cat(variants)
+    all_cost, all_acc = torch.cat(cal_cost), torch.cat(cal_acc)
+    keep = torch.tensor(upper_hull(all_cost, all_acc), dtype=torch.long)
+    test_cost, test_acc, test_counts = [], [], []
+    for k in keep.tolist():
+        on_test = tst[int(all_variants[k])].evaluate(all_vectors[k : k + 1], costs)
+        test_cost.append(on_test.cost)
+        test_acc.append(on_test.accuracy)
+        test_counts.append(on_test.exit_counts)
     return Curve(
-        thresholds=chosen,
-        calibration_cost=on_cal.cost[keep],
-        calibration_accuracy=on_cal.accuracy[keep],
-        test_cost=on_test.cost,
-        test_accuracy=on_test.accuracy,
-        test_exit_counts=on_test.exit_counts,
-        candidates=int(candidates.shape[0]),
+        thresholds=all_vectors[keep],
+        calibration_cost=all_cost[keep],
+        calibration_accuracy=all_acc[keep],
+        test_cost=torch.cat(test_cost),
+        test_accuracy=torch.cat(test_acc),
+        test_exit_counts=torch.cat(test_counts),
+        candidates=int(all_vectors.shape[0]),
+        variants=all_variants[keep],
     )

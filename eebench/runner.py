@@ -26,7 +26,7 @@ from eebench.plugins import Registry
 from eebench.results import cell_path, finished, write_atomic
 from eebench.strategy import MethodContext
 from eebench.suite import BackboneSpec, Cell, DatasetSpec, Suite, expand
-from eebench.trace import compute_trace
+from eebench.trace import compute_traces
 
 
 @dataclass
@@ -158,12 +158,12 @@ class Runner:
         phases["fit"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        calibration_trace = compute_trace(strategy, splits.calibration, batch_size=cell.batch_size,
-                                          device=self.device, description="calibration trace")
+        calibration_traces = compute_traces(strategy, splits.calibration, batch_size=cell.batch_size,
+                                            device=self.device, description="calibration trace")
         phases["trace_calibration"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        test_trace = compute_trace(strategy, splits.test, batch_size=cell.batch_size, device=self.device,
-                                   description="test trace")
+        test_traces = compute_traces(strategy, splits.test, batch_size=cell.batch_size, device=self.device,
+                                     description="test trace")
         phases["trace_test"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -174,8 +174,9 @@ class Runner:
         calibrator = calibrator_factory(**(calibrator_ref.params if calibrator_ref else {}))
         exit_costs = strategy.exit_costs()
         generator = torch.Generator().manual_seed(cell.seed)
-        candidates = calibrator.thresholds(calibration_trace, exit_costs, generator)
-        curve = build_curve(calibration_trace, test_trace, exit_costs, candidates)
+        candidates = [calibrator.thresholds(trace, exit_costs, generator) for trace in calibration_traces]
+        curve = build_curve(calibration_traces, test_traces, exit_costs, candidates)
+        test_trace = test_traces[0]
         no_exit = test_trace.evaluate(torch.full((1, test_trace.num_exits - 1), float("inf")), exit_costs)
         phases["calibrate"] = time.perf_counter() - tick
 
@@ -214,6 +215,7 @@ class Runner:
             "backbone_macs": stage_costs.total,
             "backbone_test_accuracy": base_info.test_accuracy,
             "exits": {"names": strategy.exit_names(), **exit_costs.to_dict()},
+            "variants": strategy.variant_names(),
             "spend": budget.spend.to_dict(),
             "curve": curve.to_dict(),
             "accuracy_at": {f"{t:g}": curve.accuracy_at(t) for t in self.suite.targets},

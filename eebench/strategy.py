@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class ExitOutputs:
-    """Per-exit predictions and confidence scores for one batch: both [E, B].
+    """Per-exit predictions and confidence scores for one batch: both [E, B], or [P, E, B]
+    for a method with P variants of its decision rule (``ExitStrategy.variant_names``).
 
     Scores are oriented so that *higher means more confident*; a method whose rule is
     "entropy < T" reports ``-entropy``. The last exit always exits.
@@ -95,7 +96,11 @@ class ExitStrategy(ABC):
         )
         return activations
 
-    def precomputed_trace(self, dataset: Dataset) -> ExitTrace | None:
+    def variant_names(self) -> list[str]:
+        """Names of the decision-rule variants the outputs carry (one unnamed by default)."""
+        return [""]
+
+    def precomputed_trace(self, dataset: Dataset) -> ExitTrace | list[ExitTrace] | None:
         """A trace the method already holds for ``dataset`` (saves a pass), or None."""
         return None
 

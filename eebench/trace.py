@@ -87,18 +87,23 @@ class ExitTrace:
 
 
 @torch.no_grad()
-def compute_trace(
+def compute_traces(
     strategy: ExitStrategy,
     dataset: Dataset,
     *,
     batch_size: int,
     device: torch.device | str,
     description: str = "trace",
-) -> ExitTrace:
-    """One batched pass over ``dataset`` collecting every exit's prediction and score."""
+) -> list[ExitTrace]:
+    """One batched pass over ``dataset`` collecting every exit's prediction and score.
+
+    A method whose outputs carry a leading variant dimension ([P, E, B]: one decision rule
+    per hyper-parameter value, e.g. BWDS's lambda) gets one trace per variant, all from
+    the same pass.
+    """
     cached = strategy.precomputed_trace(dataset)
     if cached is not None:
-        return cached
+        return cached if isinstance(cached, list) else [cached]
     strategy.eval()
     preds, scores, labels = [], [], []
     for x, y in iterate_batches(dataset, batch_size, device=device, description=description):
@@ -106,10 +111,20 @@ def compute_trace(
         preds.append(out.preds.cpu())
         scores.append(out.scores.double().cpu())
         labels.append(y.cpu())
-    return ExitTrace(
-        preds=torch.cat(preds, dim=1).long(),
-        scores=torch.cat(scores, dim=1),
-        labels=torch.cat(labels).long(),
-        strict=strategy.strict,
-        chained=strategy.chained,
-    )
+    all_preds, all_scores = torch.cat(preds, dim=-1).long(), torch.cat(scores, dim=-1)
+    if all_preds.ndim == 2:
+        all_preds, all_scores = all_preds[None], all_scores[None]
+    targets = torch.cat(labels).long()
+    return [
+        ExitTrace(preds=p, scores=s, labels=targets, strict=strategy.strict, chained=strategy.chained)
+        for p, s in zip(all_preds, all_scores, strict=True)
+    ]
+
+
+def compute_trace(strategy: ExitStrategy, dataset: Dataset, *, batch_size: int, device: torch.device | str,
+                  description: str = "trace") -> ExitTrace:
+    """The trace of a single-variant method (see ``compute_traces``)."""
+    traces = compute_traces(strategy, dataset, batch_size=batch_size, device=device, description=description)
+    if len(traces) != 1:
+        raise ValueError(f"{type(strategy).__name__} has {len(traces)} variants; use compute_traces")
+    return traces[0]

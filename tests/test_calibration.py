@@ -115,3 +115,19 @@ def test_shared_threshold_uses_one_value_per_vector() -> None:
     spread = finite.nan_to_num(0).amax(1) - torch.where(torch.isfinite(vectors), vectors, 1e9).amin(1)
     rows_with_values = torch.isfinite(vectors).any(1)
     assert bool((spread[rows_with_values] <= 1e-12).all())
+
+
+def test_variants_share_one_hull_and_test_on_their_own_trace() -> None:
+    weak_cal, weak_test = synthetic_trace(seed=4), synthetic_trace(seed=5)
+    strong_cal, strong_test = synthetic_trace(seed=6), synthetic_trace(seed=7)
+    for trace in (strong_cal, strong_test):
+        trace.preds[:-1] = trace.labels  # this variant's early exits are always right
+    calibrator = PerExitBisection(targets=50)
+    candidates = [calibrator.thresholds(t, COSTS, torch.Generator().manual_seed(0)) for t in (weak_cal, strong_cal)]
+    curve = build_curve([weak_cal, strong_cal], [weak_test, strong_test], COSTS, candidates)
+    assert curve.variants is not None and 1 in curve.variants.tolist()
+    assert curve.candidates == 50 + 1 + 50  # the all-off vector is added once
+    for k, variant in enumerate(curve.variants.tolist()):
+        own = [weak_test, strong_test][variant].evaluate(curve.thresholds[k : k + 1], COSTS)
+        assert curve.test_accuracy[k].item() == own.accuracy.item()
+        assert curve.test_cost[k].item() == own.cost.item()
