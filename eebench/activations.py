@@ -39,7 +39,7 @@ class ActivationCache:
 
     def __init__(self, storage_dtype: torch.dtype = torch.float16) -> None:
         self.storage_dtype = storage_dtype
-        self._store: dict[tuple[str, int, str], Activations] = {}
+        self._store: dict[tuple[str, int, str], tuple[Dataset, Activations]] = {}
         self.forward_samples = 0  # what the cache really cost, summed over the run
 
     def get(
@@ -55,11 +55,13 @@ class ActivationCache:
     ) -> tuple[Activations, bool]:
         """Activations of every exit point of ``backbone`` on ``dataset``; (value, was_cached)."""
         key = (backbone_key, id(dataset), reducer_key)
-        if key in self._store:
-            return self._store[key], True
-        self._store[key] = self._compute(backbone, dataset, reducer, batch_size, device)
+        held = self._store.get(key)
+        if held is not None and held[0] is dataset:  # the dataset is held, so its id cannot be reused
+            return held[1], True
+        computed = self._compute(backbone, dataset, reducer, batch_size, device)
+        self._store[key] = (dataset, computed)
         self.forward_samples += len(dataset)
-        return self._store[key], False
+        return computed, False
 
     def keep_only(self, backbone_key: str) -> None:
         """Free everything computed for other backbones (cells come grouped by backbone)."""

@@ -1,0 +1,205 @@
+"""SDN (IC-only, frozen backbone) on a real, briefly trained ResNet-20 and real Fashion-MNIST."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from eebench.costs import StageCosts
+from eebench.strategy import MethodContext
+from eebench.trace import compute_trace
+from eebench_plugins.budgets import EpochsBudget, SamplesBudget
+from eebench_plugins.internal_classifiers import InternalClassifier, ic_reducer, reduce_for_ic
+from eebench_plugins.sdn import SDN, _lr_drop_at
+
+FRACTIONS = [0.15, 0.30, 0.45, 0.60, 0.75, 0.90]
+
+
+def make_context(model, bundle, **overrides) -> MethodContext:
+    costs = StageCosts.measure(model, bundle.input_shape)
+    params = {"seed": 0, "batch_size": 100, "train_batch_size": 32, "backbone_key": "test-resnet20"}
+    params.update(overrides)
+    return MethodContext(bundle.num_classes, bundle.input_shape, costs, torch.device("cpu"), **params)
+
+
+def ic_accuracies(strategy: SDN, images: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    out = strategy.exit_outputs(images)
+    return (out.preds == labels[None]).double().mean(1).tolist()
+
+
+@pytest.fixture(scope="module")
+def fitted(trained_resnet20, small_fmnist):
+    bundle, train, _ = small_fmnist
+    model = copy.deepcopy(trained_resnet20)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    strategy = SDN(model, make_context(model, bundle))
+    untrained = copy.deepcopy(strategy.ics)
+    budget = EpochsBudget(5)
+    budget.bind(len(train))
+    strategy.fit(train, budget)
+    strategy.eval()
+    return strategy, budget, before, untrained
+
+
+@pytest.mark.parametrize(("name", "shape"), [("resnet20", (1, 28, 28)), ("resnet18", (3, 32, 32))])
+def test_ics_sit_at_the_first_exit_point_reaching_each_fraction(registry, name, shape) -> None:
+    model = registry.get("backbones", name)(10, shape).eval()
+    costs = StageCosts.measure(model, shape)
+    context = MethodContext(10, shape, costs, torch.device("cpu"), seed=0)
+    strategy = SDN(model, context)
+    candidates = [s for s in model.exit_points if s != len(model.stages) - 1]  # never the final stage
+    expected = []
+    for fraction in FRACTIONS:
+        reaching = [s for s in candidates if sum(costs.stage_macs[: s + 1]) >= fraction * costs.total]
+        stage = min(reaching) if reaching else candidates[-1]
+        if stage not in expected:
+            expected.append(stage)
+    assert strategy.ic_stages == expected and len(expected) == 6
+    assert strategy.ic_stages[-1] < len(model.stages) - 1
+    for stage, fraction in zip(strategy.ic_stages, FRACTIONS, strict=True):
+        earlier = [s for s in candidates if s < stage]
+        if costs.through(stage) >= fraction * costs.total:  # first point reaching it ...
+            assert not earlier or costs.through(earlier[-1]) < fraction * costs.total
+        else:  # ... or, when none before the final stage does, the last one before it
+            assert stage == candidates[-1]
+    assert strategy.exit_names() == [f"ic@block{s}" for s in expected] + ["final"]
+    exit_costs = strategy.exit_costs()
+    assert exit_costs.backbone_macs.tolist() == [costs.through(s) for s in expected] + [costs.total]
+    assert exit_costs.overhead_macs[-1].item() == 0.0 and exit_costs.reference_macs == costs.total
+
+
+def test_frozen_backbone_is_bit_identical_after_fit(fitted) -> None:
+    strategy, _, before, _ = fitted
+    after = strategy.backbone.state_dict()
+    assert any(k.endswith("running_mean") for k in after) and any(k.endswith("num_batches_tracked") for k in after)
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+
+
+def test_mixing_is_alpha_max_plus_one_minus_alpha_avg() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(5, 16, 28, 28)
+    ic = InternalClassifier((16, 28, 28), 10)
+    with torch.no_grad():
+        ic.alpha.fill_(0.3)
+        by_hand = 0.3 * torch.nn.functional.max_pool2d(x, 7) + 0.7 * torch.nn.functional.avg_pool2d(x, 7)
+        expected = ic.linear(by_hand.flatten(1))
+        assert torch.allclose(ic(x), expected, atol=1e-6)
+        pair = reduce_for_ic(x)
+        assert pair.shape == (5, 2, 16, 4, 4)
+        assert torch.allclose(ic.forward_pooled(pair), expected, atol=1e-6)
+    # 2·C·s² pooling + C·(s/r)² mixing + Linear in·K
+    assert ic.macs() == 2 * 16 * 28 * 28 + 16 * 4 * 4 + 16 * 4 * 4 * 10
+    small = InternalClassifier((64, 3, 3), 10)  # s < 4: no pooling, no α, a bare Linear
+    assert small.alpha is None and small.macs() == 64 * 9 * 10
+    assert 0.0 <= InternalClassifier((16, 14, 14), 10).alpha.item() < 1.0
+
+
+def test_cached_pooled_activations_give_the_live_ic_output(fitted, small_fmnist) -> None:
+    strategy, *_ = fitted
+    _, train, _ = small_fmnist
+    cached = strategy.shared_activations(train, ic_reducer, "sdn-pool")  # the fit's pass, from the cache
+    assert cached.features[strategy.ic_stages[0]].dtype == torch.float16
+    with torch.no_grad():
+        outputs, _ = strategy.backbone.stage_outputs(train.images[:64])
+        for stage, ic in zip(strategy.ic_stages, strategy.ics, strict=True):
+            live = ic(outputs[stage])
+            from_cache = ic.forward_pooled(cached.features[stage][:64].float())
+            assert torch.allclose(from_cache, live, rtol=1e-2, atol=1e-2 * live.abs().max().item())
+            assert int((from_cache.argmax(1) != live.argmax(1)).sum()) <= 1  # float16 may flip a near-tie
+
+
+def test_a_sample_budget_is_what_the_ics_see(trained_resnet20, small_fmnist, monkeypatch) -> None:
+    bundle, train, _ = small_fmnist
+    model = copy.deepcopy(trained_resnet20)
+    strategy = SDN(model, make_context(model, bundle))
+    seen: list[int] = []
+    first = strategy.ics[0]
+    original = first.forward_pooled
+    monkeypatch.setattr(first, "forward_pooled", lambda pair, extra=None: seen.append(len(pair)) or original(pair))
+    budget = SamplesBudget(90)
+    budget.bind(len(train))
+    strategy.fit(train, budget)
+    assert sum(seen) == 90 and budget.spend.samples == 90
+    assert budget.spend.extra_forward_samples == len(train)
+    ic_macs = math.fsum(ic.macs() for ic in strategy.ics)
+    expected = 90 * 3 * ic_macs + len(train) * strategy.context.stage_costs.total
+    assert budget.spend.training_macs == pytest.approx(expected, rel=1e-12)
+
+
+def test_lr_drops_after_60_percent_of_a_multi_epoch_plan() -> None:
+    five = EpochsBudget(5)
+    five.bind(200)
+    one = EpochsBudget(1)
+    one.bind(200)
+    assert _lr_drop_at(five, 200) == pytest.approx(600) and _lr_drop_at(one, 200) is None
+    assert _lr_drop_at(SamplesBudget(90), 200) is None and _lr_drop_at(SamplesBudget(1000), 200) == 600
+
+
+def test_trained_ics_beat_chance_and_their_untrained_selves(fitted, small_fmnist) -> None:
+    strategy, budget, _, untrained = fitted
+    _, train, _ = small_fmnist
+    assert budget.spend.samples == 5 * len(train)
+    trained_acc = ic_accuracies(strategy, train.images, train.labels)[:-1]
+    fresh = copy.copy(strategy)
+    fresh.ics = untrained.eval()
+    untrained_acc = ic_accuracies(fresh, train.images, train.labels)[:-1]
+    assert trained_acc[-1] > 0.3 and trained_acc[-2] > 0.3
+    assert max(untrained_acc) < 0.3
+    assert sum(trained_acc) / len(trained_acc) > sum(untrained_acc) / len(untrained_acc) + 0.15
+
+
+def test_most_confident_fallback_returns_the_most_confident_exit(fitted, small_fmnist) -> None:
+    strategy, *_ = fitted
+    _, _, test = small_fmnist
+    other = SDN(strategy.backbone, strategy.context, fallback="most_confident")
+    other.ics.load_state_dict(strategy.ics.state_dict())
+    other.eval()
+    plain = strategy.exit_outputs(test.images)
+    fallback = other.exit_outputs(test.images)
+    best = plain.scores.argmax(0)
+    assert torch.equal(fallback.preds[:-1], plain.preds[:-1]) and torch.equal(fallback.scores[:-1], plain.scores[:-1])
+    assert torch.equal(fallback.preds[-1], plain.preds[best, torch.arange(best.numel())])
+    assert torch.equal(fallback.scores[-1], plain.scores.max(0).values)
+    assert bool((best < plain.preds.shape[0] - 1).any())  # some IC is more confident than the head
+    # the final output needs every IC: their overhead is always paid
+    assert other.chained and not strategy.chained
+    trace = compute_trace(other, test, batch_size=100, device="cpu")
+    never = torch.full((1, trace.num_exits - 1), math.inf)
+    cost = trace.evaluate(never, other.exit_costs()).cost.item()
+    assert cost == pytest.approx(other.exit_costs().normalised()[-1].item()) and cost > 1.0
+
+
+def test_cli_runs_e2cm_and_sdn_and_records_the_shared_pass(tmp_path) -> None:
+    from eebench.cli import main
+
+    suite = {
+        "name": "tiny-sdn",
+        "datasets": [{"name": "fashion-mnist", "per_class": 30, "test_subset": 300}],
+        "backbones": [{"name": "resnet20", "recipe": {"epochs": 1, "batch_size": 64}}],
+        "methods": [{"name": "e2cm"}, {"name": "sdn"},
+                    {"name": "sdn", "label": "sdn-per-exit", "calibrator": {"name": "per-exit-bisection"}}],
+        "budgets": [{"name": "epochs", "params": {"epochs": 1}}],
+        "targets": [0.5],
+    }
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    code = main(["run", str(path), "--out", str(tmp_path / "run"), "--leaderboards", str(tmp_path / "boards")])
+    assert code == 0
+    cells = sorted((tmp_path / "run" / "cells").glob("*.json"))
+    results = {r["method"]: r for r in (json.loads(p.read_text()) for p in cells)}
+    assert set(results) == {"e2cm", "sdn", "sdn-per-exit"}
+    for result in results.values():
+        assert result["curve"] and result["accuracy_at"]["0.5"] is not None
+    sdn = results["sdn"]
+    assert sdn["sizes"]["train"] == 300 and sdn["spend"]["extra_forward_samples"] == 300
+    assert sdn["spend"]["samples"] == 300 and sdn["calibrator"] == "shared-threshold"
+    assert sdn["exits"]["names"][-1] == "final" and len(sdn["exits"]["names"]) == 7
+    per_exit = results["sdn-per-exit"]  # served from the shared cache, still charged as if alone
+    assert per_exit["calibrator"] == "per-exit-bisection" and per_exit["spend"]["extra_forward_samples"] == 300
