@@ -22,7 +22,7 @@ from eebench.model import StagedBackbone
 from eebench.passes import iterate_batches
 from eebench.progress import progress
 from eebench.strategy import ExitOutputs, ExitStrategy, MethodContext
-from eebench.trace import ExitTrace
+from eebench.trace import ExitTrace, exit_fires
 
 __all__ = [
     "ActivationCache",
@@ -43,6 +43,7 @@ __all__ = [
     "TensorImageDataset",
     "TrainingBudget",
     "count_macs",
+    "exit_fires",
     "iterate_batches",
     "progress",
     "random_crop_flip",

@@ -73,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               "rerun the same command to resume", file=sys.stderr)
         return EXIT_USAGE
     command = f"eebench run {args.suite}"
-    path = render(run_dir, board_dir, suite.name, suite.targets, suite.description, command)
+    path = render(run_dir, board_dir, suite.name, suite.targets, suite.description, command, suite.notes)
     print(f"{len(report.done)} cells run, {len(report.skipped)} reused, {report.seconds:.1f}s; "
           f"results in {run_dir}/cells; leaderboard {path}")
     return 0

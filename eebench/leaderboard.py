@@ -80,7 +80,8 @@ def _spend(group: list[dict[str, Any]]) -> str:
 
 
 def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
-           targets: list[float] | None = None, description: str = "", command: str = "") -> Path:
+           targets: list[float] | None = None, description: str = "", command: str = "",
+           suite_notes: list[str] | None = None) -> Path:
     """Write ``<leaderboard_dir>/<suite>.md`` and its figures; returns the markdown path."""
     results = load_results(run_dir)
     if not results:
@@ -128,7 +129,7 @@ def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
         lines += ["", f"![accuracy–cost curves]({figure.relative_to(leaderboard_dir).as_posix()})", ""]
         lines += _exit_table(group, many_budgets, targets)
     notes = sorted({r["notes"] for r in results if r.get("notes")})
-    lines += ["## Notes", "", f"- {PHI_RULE}"] + [f"- {n}" for n in notes] + [""]
+    lines += ["## Notes", "", f"- {PHI_RULE}"] + [f"- {n}" for n in [*(suite_notes or []), *notes]] + [""]
     path = leaderboard_dir / f"{_slug(suite_name)}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))

@@ -76,6 +76,7 @@ class Suite(BaseModel):
     model_config = Strict
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
+    notes: list[str] = Field(default_factory=list)
     datasets: list[DatasetSpec] = Field(min_length=1)
     backbones: list[BackboneSpec] = Field(min_length=1)
     methods: list[MethodSpec] = Field(min_length=1)

@@ -16,6 +16,12 @@ from eebench.passes import iterate_batches
 from eebench.strategy import ExitStrategy
 
 
+def exit_fires(scores: torch.Tensor, limits: torch.Tensor, strict: bool) -> torch.Tensor:
+    """The exit rule: score > T (strict) or score >= T; a score of -inf vetoes the exit."""
+    passed = scores > limits if strict else scores >= limits
+    return passed & (scores != float("-inf"))
+
+
 @dataclass
 class Evaluation:
     """Results of V threshold vectors on one trace."""
@@ -53,8 +59,7 @@ class ExitTrace:
         thresholds = torch.as_tensor(thresholds, dtype=torch.float64)
         first = torch.full((thresholds.shape[0], self.num_samples), self.num_exits - 1, dtype=torch.long)
         for j in range(self.num_exits - 2, -1, -1):  # walking backwards leaves the earliest firing exit
-            limits = thresholds[:, j, None]
-            first.masked_fill_(self.scores[j] > limits if self.strict else self.scores[j] >= limits, j)
+            first.masked_fill_(exit_fires(self.scores[j], thresholds[:, j, None], self.strict), j)
         return first
 
     def evaluate(self, thresholds: torch.Tensor, costs: ExitCosts, chunk: int = 0) -> Evaluation:

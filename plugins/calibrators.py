@@ -9,24 +9,31 @@ from __future__ import annotations
 import torch
 
 from eebench import hookimpl
-from eebench.api import Calibrator, ExitCosts, ExitTrace
+from eebench.api import Calibrator, ExitCosts, ExitTrace, exit_fires
 
 
 def _boundaries(sorted_desc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Thresholds letting exactly the top m scores exit (m = 0..N), and which m are reachable.
 
     Midpoints between consecutive distinct scores work for both ``>`` and ``>=`` rules.
+    Scores of -inf (a vetoed exit) can never leave, so no m past the finite ones is reachable.
     """
-    top = torch.nextafter(sorted_desc[:1], torch.full_like(sorted_desc[:1], float("inf")))
-    bottom = torch.nextafter(sorted_desc[-1:], torch.full_like(sorted_desc[-1:], float("-inf")))
+    down = torch.full_like(sorted_desc[:1], float("-inf"))
+    finite = int(torch.isfinite(sorted_desc).sum())
+    if finite == 0:
+        limits = torch.full((sorted_desc.numel() + 1,), float("inf"), dtype=sorted_desc.dtype)
+        reachable = torch.zeros(sorted_desc.numel() + 1, dtype=torch.bool)
+        reachable[0] = True
+        return limits, reachable
+    top = torch.nextafter(sorted_desc[:1], -down)
     mids = (sorted_desc[:-1] + sorted_desc[1:]) / 2
+    bottom = torch.nextafter(sorted_desc[finite - 1 : finite], down)
+    limits = torch.cat([top, mids, bottom])
+    limits[finite] = bottom[0]  # between the last finite score and the vetoed ones
     reachable = torch.ones(sorted_desc.numel() + 1, dtype=torch.bool)
     reachable[1:-1] = sorted_desc[:-1] > sorted_desc[1:]
-    return torch.cat([top, mids, bottom]), reachable
-
-
-def _fires(scores: torch.Tensor, limits: torch.Tensor, strict: bool) -> torch.Tensor:
-    return scores > limits if strict else scores >= limits
+    reachable[finite + 1 :] = False
+    return limits, reachable
 
 
 def per_exit_search(
@@ -58,13 +65,13 @@ def per_exit_search(
     penalties = [torch.where(ok, 0.0, float("inf")) for _, ok in bounds]  # unreachable split points
     levels = torch.rand(targets.numel(), num_thresholds, generator=generator, dtype=torch.float64)
     picks = (levels * (num_samples - 1)).round().long()
-    init = torch.stack([sorted_scores[j, picks[:, j]] for j in range(num_thresholds)], dim=1)
+    init = torch.stack([bounds[j][0][1:][picks[:, j]] for j in range(num_thresholds)], dim=1)  # finite
     chunk = chunk or max(1, int(2e7 // (num_samples * (num_thresholds + 6))))
     results = []
     for start in range(0, targets.numel(), chunk):
         goal = reachable_goal[start : start + chunk].float()
         limits = init[start : start + chunk].clone()
-        fires = _fires(scores[None], limits[:, :, None], trace.strict)  # [v, J, N]
+        fires = exit_fires(scores[None], limits[:, :, None], trace.strict)  # [v, J, N]
         for _ in range(sweeps):
             # cost of the first exit that fires after j (the last exit if none), for every j
             after = torch.empty(limits.shape[0], num_thresholds, num_samples)
@@ -80,7 +87,7 @@ def per_exit_search(
                 cost_if_top = torch.cat([base[:, None], base[:, None] + delta.cumsum(1)], 1) / num_samples
                 distance = (cost_if_top - goal[:, None]).abs() + penalties[j]
                 limits[:, j] = bounds[j][0][distance.argmin(1)]
-                fires[:, j] = _fires(scores[j][None], limits[:, j, None], trace.strict)
+                fires[:, j] = exit_fires(scores[j][None], limits[:, j, None], trace.strict)
                 settled = torch.where(reach & fires[:, j], exit_cost[j], settled)
                 reach = reach & ~fires[:, j]
                 achieved = (settled + torch.where(reach, after[:, j], 0.0)).mean(1)

@@ -103,12 +103,13 @@ class SDN(ExitStrategy):
         self.ic_stages = place_ics(backbone, context, list(fractions))
         self.ics = self._build_ics()
 
-    def _build_ics(self) -> nn.ModuleList:
+    def _build_ics(self, extra_inputs: int = 0) -> nn.ModuleList:
         """ICs seeded by the cell seed (α ~ U[0,1), Linear default init) without touching the global RNG."""
         shapes = self.context.stage_costs.stage_shapes
+        k = self.context.num_classes
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.context.seed)
-            ics = nn.ModuleList(InternalClassifier(shapes[s], self.context.num_classes) for s in self.ic_stages)
+            ics = nn.ModuleList(InternalClassifier(shapes[s], k, extra_inputs) for s in self.ic_stages)
         return ics.to(self.context.device)
 
     def modules(self) -> list[nn.Module]:
@@ -129,8 +130,12 @@ class SDN(ExitStrategy):
         features = [activations.features[s] for s in self.ic_stages]
         self._train_ics(features, activations.labels, budget)
 
-    def _train_ics(self, features: list[torch.Tensor], labels: torch.Tensor, budget: Budget) -> None:
-        """Adam on the summed IC losses, batches (of cached-sample indices) from the budget."""
+    def _train_ics(self, features: list[torch.Tensor], labels: torch.Tensor, budget: Budget,
+                   extras: list[torch.Tensor] | None = None) -> None:
+        """Adam on the summed IC losses, batches (of cached-sample indices) from the budget.
+
+        ``extras`` holds per-IC extra inputs per sample (E²CM+SDN's distances), if any.
+        """
         ctx = self.context
         self.ics.train()
         optimizer = torch.optim.Adam(self.ics.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -141,8 +146,11 @@ class SDN(ExitStrategy):
                                    description="sdn ICs"):
             rows = x.view(-1).long()
             target = y.to(ctx.device)
-            loss = sum(loss_fn(ic.forward_pooled(f[rows].to(ctx.device).float()), target)
-                       for ic, f in zip(self.ics, features, strict=True))
+            loss = sum(
+                loss_fn(ic.forward_pooled(f[rows].to(ctx.device).float(),
+                                          None if extras is None else extras[k][rows].to(ctx.device)), target)
+                for k, (ic, f) in enumerate(zip(self.ics, features, strict=True))
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -131,3 +131,17 @@ def test_variants_share_one_hull_and_test_on_their_own_trace() -> None:
         own = [weak_test, strong_test][variant].evaluate(curve.thresholds[k : k + 1], COSTS)
         assert curve.test_accuracy[k].item() == own.accuracy.item()
         assert curve.test_cost[k].item() == own.cost.item()
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_minus_inf_scores_veto_their_exit(strict: bool) -> None:
+    trace = synthetic_trace(samples=500, strict=strict)
+    vetoed = torch.rand(trace.scores[:-1].shape, generator=torch.Generator().manual_seed(9)) < 0.3
+    trace.scores[:-1][vetoed] = float("-inf")
+    for calibrator in (PerExitBisection(targets=60), SharedThresholdSweep(points=60)):
+        vectors = calibrator.thresholds(trace, COSTS, torch.Generator().manual_seed(0))
+        first = trace.first_exit(vectors)
+        for j in range(trace.num_exits - 1):
+            assert not bool(((first == j) & vetoed[j][None]).any())
+    lowest = trace.first_exit(torch.full((1, 3), float("-inf")))
+    assert not bool(((lowest == 0) & vetoed[0][None]).any())

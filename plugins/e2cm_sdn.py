@@ -1,0 +1,163 @@
+"""E²CM+SDN consulting (Görmez et al., IJCNN 2022, Sec. III-B): SDN internal classifiers
+that also read the distances to the class means, and exit only when E²CM agrees.
+
+At each SDN IC stage the IC's input is its mixed-pooled features concatenated with the
+K eq.-4-normalised distances of that stage's features to the class means (computed on
+the fly from the live features, never from a stale augmented pass: spec §1.2 item 7's
+pitfall). The ICs are trained like SDN (Adam, summed CE, budgeted batches of cached
+un-augmented activations). At inference a sample leaves at IC j only when
+
+    IC max-softmax >= T_ic[j]  AND  E²CM max-softmax > T_cm[j]  AND  (same_class: both argmaxes agree),
+
+so an exit never happens where either party says continue. Thresholds for the pair are
+calibrated jointly on the calibration split: T_cm comes from a grid (``grid`` levels of
+per-stage quantiles of the training split's E²CM confidence, level 0 = E²CM never vetoes
+on confidence) and, for each grid level, the per-exit (or shared) search sets T_ic; the
+harness keeps one hull over all levels (rule variants).
+
+Spend: the shared activation pass, plus two statistics passes (class means, then eq. 4
+divisors and the training distances), all recorded in ``extra_forward_samples``; the
+budget pays for IC training only. Exit j costs the backbone through its stage + the IC +
+the distances K·(3D−1) (+ max-pooling when the features are pooled), as E²CM counts them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from eebench import hookimpl
+from eebench.api import Budget, ExitCosts, ExitOutputs, MethodContext, StagedBackbone, iterate_batches
+from eebench_plugins.e2cm import ClassMeansExit, _pool_side
+from eebench_plugins.internal_classifiers import ic_reducer
+from eebench_plugins.sdn import REDUCER_KEY, SDN, SDN_FRACTIONS
+
+
+class E2CMSDN(SDN):
+    """SDN ICs fed with class-mean distances, exiting only when E²CM agrees."""
+
+    strict = False  # the IC part is SDN's ">= T"; E²CM's strict ">" sits inside the score
+    default_calibrator = "per-exit-bisection"
+    notes = (
+        "E²CM+SDN: SDN ICs whose input adds the K normalised class-mean distances; exit only when the IC "
+        "(≥ T_ic) and E²CM (> T_cm, same class) agree; T_cm from a grid of training-split confidence quantiles, "
+        "T_ic searched per grid level, one calibration hull over all."
+    )
+
+    def __init__(
+        self,
+        backbone: StagedBackbone,
+        context: MethodContext,
+        fractions: Sequence[float] = SDN_FRACTIONS,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        same_class: bool = True,
+        grid: int = 10,
+        pool_to: int | None = None,
+        auto_pool_above: int | None = 16384,
+        count_softmax: bool = False,
+    ) -> None:
+        super().__init__(backbone, context, fractions, lr, weight_decay, "final", count_softmax)
+        if grid < 1:
+            raise ValueError("grid must be >= 1")
+        self.same_class, self.grid = bool(same_class), int(grid)
+        k = context.num_classes
+        self.ics = self._build_ics(extra_inputs=k)
+        shapes = context.stage_costs.stage_shapes
+        self.means = nn.ModuleList(
+            ClassMeansExit(shapes[s], k, _pool_side(shapes[s], pool_to, auto_pool_above)) for s in self.ic_stages
+        ).to(context.device)
+        # [grid, ICs]: E²CM's threshold at each IC for each rule variant, set by fit
+        self.cm_thresholds = torch.zeros(self.grid, len(self.ic_stages), dtype=torch.float64)
+
+    def modules(self) -> list[nn.Module]:
+        return [self.backbone, self.ics, self.means]
+
+    def variant_names(self) -> list[str]:
+        return [f"T_cm = q{level:.2f}" for level in self._levels().tolist()]
+
+    def _levels(self) -> torch.Tensor:
+        return torch.arange(self.grid, dtype=torch.float64) / self.grid
+
+    def fit(self, train: Dataset, budget: Budget) -> None:
+        if not self.ic_stages:
+            return
+        ctx = self.context
+        self.backbone.eval()
+        activations = self.shared_activations(train, ic_reducer, REDUCER_KEY)
+        distances = self._class_mean_statistics(train)
+        budget.spend.extra_forward_samples += 3 * len(train)
+        budget.spend.training_macs += 3 * len(train) * ctx.stage_costs.total
+        confidence = [torch.softmax(-d, dim=1).max(1).values for d in distances]
+        quantiles = torch.stack([torch.quantile(c, self._levels()) for c in confidence], dim=1)
+        down = torch.full_like(quantiles, float("-inf"))
+        self.cm_thresholds = torch.nextafter(quantiles, down)  # level 0 lets every confidence pass
+        features = [activations.features[s] for s in self.ic_stages]
+        self._train_ics(features, activations.labels, budget, extras=[d.float() for d in distances])
+
+    @torch.no_grad()
+    def _class_mean_statistics(self, train: Dataset) -> list[torch.Tensor]:
+        """Two passes: class means, then eq. 4 divisors; returns the normalised training distances."""
+        ctx = self.context
+        for x, y in iterate_batches(train, ctx.batch_size, device=ctx.device, description="e2cm+sdn class means"):
+            for means, out in zip(self.means, self._stage_outputs(x), strict=True):
+                means.accumulate(out, y)
+        raw: list[list[torch.Tensor]] = [[] for _ in self.means]
+        for x, _ in iterate_batches(train, ctx.batch_size, device=ctx.device, description="e2cm+sdn distances"):
+            for k, (means, out) in enumerate(zip(self.means, self._stage_outputs(x), strict=True)):
+                raw[k].append(means.distances(out).cpu())
+        normalised = []
+        for means, chunks in zip(self.means, raw, strict=True):
+            d = torch.cat(chunks)
+            divisors = d.mean(0)
+            means.divisors.copy_(torch.where(torch.isfinite(divisors) & (divisors > 0), divisors, 1.0))
+            normalised.append(d / means.divisors.cpu())
+        return normalised
+
+    def _stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [out for _, out in self._walk(x)]
+
+    @torch.no_grad()
+    def parts(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Both parties' confidence and class at every IC ([ICs, B]) plus the head's logits."""
+        ic_conf, ic_pred, cm_conf, cm_pred = [], [], [], []
+        for (ic, out), means in zip(self._walk(x), self.means, strict=True):
+            d = means.distances(out) / means.divisors
+            cm = torch.softmax(-d, dim=1).max(1)
+            logits = ic(out, d.float())
+            ic_best = torch.softmax(logits.double(), dim=1).max(1)
+            ic_conf.append(ic_best.values)
+            ic_pred.append(ic_best.indices)
+            cm_conf.append(cm.values)
+            cm_pred.append(cm.indices)
+        return {"ic_conf": torch.stack(ic_conf), "ic_pred": torch.stack(ic_pred), "cm_conf": torch.stack(cm_conf),
+                "cm_pred": torch.stack(cm_pred), "head": self.backbone.head(self._last)}
+
+    @torch.no_grad()
+    def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:
+        p = self.parts(x)
+        agree = p["cm_conf"][None] > self.cm_thresholds.to(x.device)[:, :, None]  # [G, ICs, B]
+        if self.same_class:
+            agree = agree & (p["cm_pred"] == p["ic_pred"])[None]
+        vetoed = torch.full_like(p["ic_conf"], float("-inf"))
+        scores = torch.where(agree, p["ic_conf"][None], vetoed[None])  # [G, ICs, B]
+        head = torch.softmax(p["head"].double(), dim=1).max(1)
+        grid = scores.shape[0]
+        final_scores = head.values[None, None].expand(grid, 1, -1)
+        final_preds = head.indices[None, None].expand(grid, 1, -1)
+        preds = torch.cat([p["ic_pred"][None].expand(grid, -1, -1), final_preds], 1)
+        return ExitOutputs(preds, torch.cat([scores, final_scores], 1))
+
+    def exit_costs(self) -> ExitCosts:
+        costs = super().exit_costs()
+        k = self.context.num_classes
+        distance = torch.tensor([m.overhead_macs(k) for m in self.means] + [0.0], dtype=torch.float64)
+        return ExitCosts(costs.backbone_macs, costs.overhead_macs + distance, costs.reference_macs)
+
+
+@hookimpl
+def register_exit_strategies(register) -> None:
+    register("e2cm+sdn", E2CMSDN)

@@ -1,0 +1,85 @@
+"""E²CM+SDN consulting on a real (briefly trained) ResNet-20 and Fashion-MNIST images."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from eebench.calibration import build_curve
+from eebench.costs import StageCosts
+from eebench.strategy import MethodContext
+from eebench.trace import compute_traces
+from eebench_plugins.budgets import EpochsBudget
+from eebench_plugins.calibrators import PerExitBisection
+from eebench_plugins.e2cm_sdn import E2CMSDN
+
+
+@pytest.fixture(scope="module")
+def consulting(trained_resnet20, small_fmnist):
+    bundle, train, test = small_fmnist
+    model = copy.deepcopy(trained_resnet20)
+    context = MethodContext(10, bundle.input_shape, StageCosts.measure(model, bundle.input_shape),
+                            torch.device("cpu"), seed=0, batch_size=100, train_batch_size=32)
+    strategy = E2CMSDN(model, context, grid=4)
+    budget = EpochsBudget(3)
+    budget.bind(len(train))
+    strategy.fit(train, budget)
+    strategy.eval()
+    return strategy, budget, train, test
+
+
+def test_ics_read_the_normalised_distances(consulting) -> None:
+    strategy, *_ = consulting
+    for ic in strategy.ics:
+        assert ic.extra_inputs == 10
+        assert ic.linear.in_features == ic.pooled_numel + 10
+
+
+def test_spend_counts_every_pass(consulting) -> None:
+    _, budget, train, _ = consulting
+    assert budget.spend.samples == 3 * len(train)  # IC training only
+    assert budget.spend.extra_forward_samples == 3 * len(train)  # activations, class means, divisors
+
+
+def test_consulting_never_exits_where_either_party_says_continue(consulting) -> None:
+    strategy, _, train, test = consulting
+    calibration = compute_traces(strategy, train, batch_size=100, device="cpu")
+    traces = compute_traces(strategy, test, batch_size=100, device="cpu")
+    assert len(traces) == 4 == len(strategy.variant_names())
+    parts = strategy.parts(test.images)
+    costs = strategy.exit_costs()
+    candidates = [PerExitBisection(targets=100).thresholds(t, costs, torch.Generator().manual_seed(0))
+                  for t in calibration]
+    curve = build_curve(calibration, traces, costs, candidates)
+    checked = 0
+    for variant, trace, vectors in zip(range(4), traces, candidates, strict=True):
+        first = trace.first_exit(vectors)  # [V, N]
+        for j in range(trace.num_exits - 1):
+            leaving = first == j
+            ic_ok = parts["ic_conf"][j][None] >= vectors[:, j, None]
+            cm_ok = parts["cm_conf"][j] > strategy.cm_thresholds[variant, j]
+            same = parts["cm_pred"][j] == parts["ic_pred"][j]
+            assert not bool((leaving & ~(ic_ok & (cm_ok & same)[None])).any())
+            checked += int(leaving.sum())
+    assert checked > 0  # early exits do happen, so the check above is not vacuous
+    assert curve.variants is not None and len(curve.test_cost) >= 1
+    assert bool((curve.calibration_accuracy.diff() >= 0).all())
+
+
+def test_grid_level_zero_never_vetoes_on_confidence(consulting) -> None:
+    strategy, _, train, _ = consulting
+    parts = strategy.parts(train.images)
+    assert bool((parts["cm_conf"] > strategy.cm_thresholds[0][:, None]).all())
+    assert bool((strategy.cm_thresholds.diff(dim=0) >= 0).all())
+
+
+def test_costs_add_the_distance_overhead(consulting) -> None:
+    strategy, *_ = consulting
+    costs = strategy.exit_costs()
+    shapes = strategy.context.stage_costs.stage_shapes
+    for j, (stage, ic) in enumerate(zip(strategy.ic_stages, strategy.ics, strict=True)):
+        dim = torch.tensor(shapes[stage]).prod().item()
+        assert costs.overhead_macs[j].item() == pytest.approx(ic.macs() + 10 * (3 * dim - 1))
+    assert bool((costs.cumulative().diff() > 0).all())
