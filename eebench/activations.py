@@ -37,8 +37,9 @@ class Activations:
 class ActivationCache:
     """In-process store keyed by (base backbone, split, reducer); one per run."""
 
-    def __init__(self, storage_dtype: torch.dtype = torch.float16) -> None:
+    def __init__(self, storage_dtype: torch.dtype = torch.float16, share: bool = True) -> None:
         self.storage_dtype = storage_dtype
+        self.share = share  # False: every request pays its own pass (to measure what sharing saves)
         self._store: dict[tuple[str, int, str], tuple[Dataset, Activations]] = {}
         self.forward_samples = 0  # what the cache really cost, summed over the run
 
@@ -59,7 +60,8 @@ class ActivationCache:
         if held is not None and held[0] is dataset:  # the dataset is held, so its id cannot be reused
             return held[1], True
         computed = self._compute(backbone, dataset, reducer, batch_size, device)
-        self._store[key] = (dataset, computed)
+        if self.share:
+            self._store[key] = (dataset, computed)
         self.forward_samples += len(dataset)
         return computed, False
 

@@ -67,7 +67,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     device = _device(args.device)
     try:
         report = run_suite(suite, registry, suite_path=args.suite, run_dir=run_dir, device=device,
-                           only=args.only, log=lambda line: console.print(line, markup=False, highlight=False))
+                           only=args.only, log=lambda line: console.print(line, markup=False, highlight=False),
+                           share_activations=not args.no_shared_activations)
     except KeyboardInterrupt:
         print(f"eebench: interrupted: finished cells are kept in {run_dir}/cells; "
               "rerun the same command to resume", file=sys.stderr)
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--leaderboards", help="leaderboard directory (default from the suite: leaderboards)")
     run.add_argument("--device", default="cpu", help="cpu or cuda")
     run.add_argument("--only", help="glob over cell ids, e.g. '*e2cm*'")
+    run.add_argument("--no-shared-activations", action="store_true",
+                     help="every frozen-backbone method pays its own activation pass (for benchmarking)")
     run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
     validate = sub.add_parser("validate", help="check a suite file without running it")

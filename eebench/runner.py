@@ -67,9 +67,10 @@ def make_splits(bundle: DatasetBundle, spec: DatasetSpec, seed: int) -> Splits:
 class Runner:
     """Holds what cells share: datasets, base backbones and their costs."""
 
-    def __init__(self, suite: Suite, registry: Registry, *, suite_path: str, device: torch.device) -> None:
+    def __init__(self, suite: Suite, registry: Registry, *, suite_path: str, device: torch.device,
+                 share_activations: bool = True) -> None:
         self.suite, self.registry, self.where, self.device = suite, registry, suite_path, device
-        self.activations = ActivationCache()
+        self.activations = ActivationCache(share=share_activations)
         self._splits: dict[str, Splits] = {}
         self._bases: dict[str, tuple[dict, BaseInfo, StageCosts]] = {}
 
@@ -236,14 +237,15 @@ def check_writable(run_dir: Path, key: str) -> None:
 
 
 def run_suite(suite: Suite, registry: Registry, *, suite_path: str, run_dir: Path, device: torch.device,
-              only: str | None = None, log: Callable[[str], None] = print) -> RunReport:
+              only: str | None = None, log: Callable[[str], None] = print,
+              share_activations: bool = True) -> RunReport:
     """Run every cell not already finished; each result is on disk before the next starts."""
     check_writable(run_dir, "--out")
     cells = [c for c in expand(suite) if only is None or fnmatch.fnmatch(c.cell_id, only)]
     if not cells:
         raise EebenchError(f"no cell matches --only '{only}'; expected a glob over cell ids",
                            where=suite_path, key="--only")
-    runner = Runner(suite, registry, suite_path=suite_path, device=device)
+    runner = Runner(suite, registry, suite_path=suite_path, device=device, share_activations=share_activations)
     report = RunReport(run_dir)
     start = time.perf_counter()
     for index, cell in enumerate(cells, 1):

@@ -41,3 +41,13 @@ def test_ic_placement_reaches_each_cost_fraction(trained_resnet20) -> None:
         assert costs.through(stage) >= fraction * costs.total
         earlier = [s for s in trained_resnet20.exit_points if s < stage]
         assert not earlier or costs.through(earlier[-1]) < fraction * costs.total
+
+
+def test_without_sharing_every_request_pays_a_pass(trained_resnet20, small_fmnist) -> None:
+    _, train, _ = small_fmnist
+    cache = ActivationCache(share=False)
+    for _ in range(2):
+        _, cached = cache.get(trained_resnet20, train, pooled, backbone_key="k", reducer_key="max2",
+                              batch_size=100, device="cpu")
+        assert not cached
+    assert cache.forward_samples == 2 * len(train)
