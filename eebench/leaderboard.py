@@ -100,7 +100,7 @@ def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
         "",
     ]
     for (dataset, backbone), group in _group(results, lambda r: (r["dataset"], r["backbone"])).items():
-        base_acc = [r["backbone_test_accuracy"] for r in group]
+        base_acc = list({r["seed"]: r["backbone_test_accuracy"] for r in group}.values())  # one per seed
         seeds = sorted({r["seed"] for r in group})
         lines += [
             f"## {dataset} · {backbone}",
