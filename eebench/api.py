@@ -21,7 +21,7 @@ from eebench.errors import EebenchError
 from eebench.model import StagedBackbone
 from eebench.passes import iterate_batches
 from eebench.progress import progress
-from eebench.strategy import ExitOutputs, ExitStrategy, MethodContext
+from eebench.strategy import ExitOutputs, ExitStrategy, MethodContext, OperatingPoint
 from eebench.trace import ExitTrace, exit_fires
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "ExitStrategy",
     "ExitTrace",
     "MethodContext",
+    "OperatingPoint",
     "Spend",
     "StageCosts",
     "StagedBackbone",

@@ -128,6 +128,7 @@ def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
         plot_curves(group, targets, figure, f"{dataset} · {backbone}", many_budgets)
         lines += ["", f"![accuracy–cost curves]({figure.relative_to(leaderboard_dir).as_posix()})", ""]
         lines += _exit_table(group, many_budgets, targets)
+        lines += _operating_point_table(group, many_budgets)
     notes = sorted({r["notes"] for r in results if r.get("notes")})
     lines += ["## Notes", "", f"- {PHI_RULE}"] + [f"- {n}" for n in [*(suite_notes or []), *notes]] + [""]
     path = leaderboard_dir / f"{_slug(suite_name)}.md"
@@ -142,6 +143,28 @@ def _accuracy_under(result: dict[str, Any], target: float) -> float | None:
     return None if best is None else curve["test"]["accuracy"][best]
 
 
+def _exit_shares(names: list[str], counts: list[int]) -> str:
+    total = sum(counts) or 1
+    return ", ".join(f"{n} {100 * c / total:.0f}%" for n, c in zip(names, counts, strict=True) if c)
+
+
+def _operating_point_table(group: list[dict[str, Any]], many_budgets: bool) -> list[str]:
+    """Fixed thresholds a method's paper reports (e.g. EENet's confidence > 0.5), on test."""
+    rows = [(label, name, [p for r in results for p in r.get("operating_points", []) if p["name"] == name],
+             results[0])
+            for label, results in _group(group, lambda r: _row_label(r, many_budgets)).items()
+            for name in dict.fromkeys(p["name"] for r in results for p in r.get("operating_points", []))]
+    if not rows:
+        return []
+    lines = ["Operating points (fixed thresholds, not calibrated; test split; exit distribution of the first seed):",
+             "", "| method | operating point | accuracy | cost | exit distribution |", "|---|---|---|---|---|"]
+    for label, name, points, first in rows:
+        cost = statistics.mean(p["test"]["cost"] for p in points)
+        shares = _exit_shares(first["exits"]["names"], points[0]["test"]["exit_counts"])
+        lines.append(f"| {label} | {name} | {_fmt([p['test']['accuracy'] for p in points])} | {cost:.3f} | {shares} |")
+    return [*lines, ""]
+
+
 def _exit_table(group: list[dict[str, Any]], many_budgets: bool, targets: list[float]) -> list[str]:
     """Where test samples leave, at the largest target (first seed): the exit distribution."""
     target = max(targets)
@@ -149,10 +172,8 @@ def _exit_table(group: list[dict[str, Any]], many_budgets: bool, targets: list[f
     for label, rows in _group(group, lambda r: _row_label(r, many_budgets)).items():
         at = rows[0]["accuracy_at"].get(f"{target:g}")
         if not at:
+            lines.append(f"- {label}: no calibrated point with cost ≤ {target:.2f}")
             continue
         counts = rows[0]["curve"]["test"]["exit_counts"][at["point"]]
-        total = sum(counts) or 1
-        names = rows[0]["exits"]["names"]
-        shares = ", ".join(f"{n} {100 * c / total:.0f}%" for n, c in zip(names, counts, strict=True) if c)
-        lines.append(f"- {label}: {shares}")
+        lines.append(f"- {label}: {_exit_shares(rows[0]['exits']['names'], counts)}")
     return [*lines, ""]

@@ -18,15 +18,15 @@ import eebench
 from eebench.activations import ActivationCache
 from eebench.basenet import BaseInfo, prepare_backbone
 from eebench.calibration import build_curve
-from eebench.costs import StageCosts
+from eebench.costs import ExitCosts, StageCosts
 from eebench.datasets import DatasetBundle, dataset_labels, seeded_subset_indices, take
 from eebench.errors import EebenchError
 from eebench.model import StagedBackbone
 from eebench.plugins import Registry
 from eebench.results import cell_path, finished, write_atomic
-from eebench.strategy import MethodContext
+from eebench.strategy import MethodContext, OperatingPoint
 from eebench.suite import BackboneSpec, Cell, DatasetSpec, Suite, expand
-from eebench.trace import compute_traces
+from eebench.trace import ExitTrace, compute_traces
 
 
 @dataclass
@@ -141,6 +141,7 @@ class Runner:
             stage_costs=stage_costs, device=self.device, seed=cell.seed, batch_size=cell.batch_size,
             train_batch_size=cell.train_batch_size, augment=splits.bundle.augment,
             backbone_key=base_info.key, activations=self.activations,
+            fresh_backbone=lambda: self.build_backbone(cell.backbone, splits.bundle, cell.seed).to(self.device),
         )
         self.activations.keep_only(base_info.key)
         strategy_factory = self.registry.get("exit_strategies", cell.method.name, where=self.where,
@@ -179,6 +180,8 @@ class Runner:
         curve = build_curve(calibration_traces, test_traces, exit_costs, candidates)
         test_trace = test_traces[0]
         no_exit = test_trace.evaluate(torch.full((1, test_trace.num_exits - 1), float("inf")), exit_costs)
+        operating_points = evaluate_operating_points(strategy.operating_points(), calibration_traces, test_traces,
+                                                     exit_costs)
         phases["calibrate"] = time.perf_counter() - tick
 
         return {
@@ -222,7 +225,25 @@ class Runner:
             "accuracy_at": {f"{t:g}": curve.accuracy_at(t) for t in self.suite.targets},
             "hull_end": {"test_accuracy": float(curve.test_accuracy[-1]), "test_cost": float(curve.test_cost[-1])},
             "no_exit": {"test_accuracy": float(no_exit.accuracy[0]), "test_cost": float(no_exit.cost[0])},
+            "operating_points": operating_points,
         }
+
+
+def evaluate_operating_points(points: list[OperatingPoint], calibration: list[ExitTrace], test: list[ExitTrace],
+                              costs: ExitCosts) -> list[dict[str, Any]]:
+    """Cost, accuracy and exit counts of each fixed operating point on both splits."""
+    rows = []
+    for point in points:
+        thresholds = torch.as_tensor(point.thresholds, dtype=torch.float64).reshape(1, -1)
+        on_calibration = calibration[point.variant].evaluate(thresholds, costs)
+        on_test = test[point.variant].evaluate(thresholds, costs)
+        rows.append({
+            "name": point.name, "variant": point.variant, "thresholds": thresholds[0].tolist(),
+            "calibration": {"cost": float(on_calibration.cost[0]), "accuracy": float(on_calibration.accuracy[0])},
+            "test": {"cost": float(on_test.cost[0]), "accuracy": float(on_test.accuracy[0]),
+                     "exit_counts": on_test.exit_counts[0].tolist()},
+        })
+    return rows
 
 
 def check_writable(run_dir: Path, key: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,20 @@ class ExitOutputs:
 
 
 @dataclass
+class OperatingPoint:
+    """A named threshold vector the method's paper reports on its own (e.g. EENet's
+    confidence > 0.5), shown in the leaderboard next to the calibrated curve.
+
+    ``thresholds`` are in score space, one per exit but the last ([E-1], +inf = exit off);
+    ``variant`` picks the rule variant they apply to.
+    """
+
+    name: str
+    thresholds: torch.Tensor
+    variant: int = 0
+
+
+@dataclass
 class MethodContext:
     """What the harness tells a method about the cell it runs in."""
 
@@ -48,6 +63,9 @@ class MethodContext:
     backbone_key: str = ""
     activations: ActivationCache = field(default_factory=ActivationCache)
     extra: dict[str, Any] = field(default_factory=dict)
+    # a freshly initialised copy of the backbone (its plugin's own init), for methods
+    # that train from scratch instead of from the cached base network; None outside a run
+    fresh_backbone: Callable[[], StagedBackbone] | None = None
 
 
 class ExitStrategy(ABC):
@@ -99,6 +117,10 @@ class ExitStrategy(ABC):
     def variant_names(self) -> list[str]:
         """Names of the decision-rule variants the outputs carry (one unnamed by default)."""
         return [""]
+
+    def operating_points(self) -> list[OperatingPoint]:
+        """Fixed threshold vectors reported besides the curve (none by default)."""
+        return []
 
     def precomputed_trace(self, dataset: Dataset) -> ExitTrace | list[ExitTrace] | None:
         """A trace the method already holds for ``dataset`` (saves a pass), or None."""

@@ -51,7 +51,7 @@ def per_exit_search(
     Thresholds start at random (uniform quantiles of each exit's scores). Exits are then
     visited front to back (alternating optimisation), each threshold set by binary search
     over that exit's sorted calibration scores to the value whose mean cost is closest
-    to the target while the others stay fixed; sweeps repeat until every target is met.
+    to the target while the others stay fixed; sweeps repeat until every target is met or a sweep changes nothing.
     The 1-D search is exact: cost is a monotone step function of one threshold.
     """
     scores = trace.scores[:-1].double()  # [J, N]
@@ -73,6 +73,7 @@ def per_exit_search(
         limits = init[start : start + chunk].clone()
         fires = exit_fires(scores[None], limits[:, :, None], trace.strict)  # [v, J, N]
         for _ in range(sweeps):
+            before = limits.clone()
             # cost of the first exit that fires after j (the last exit if none), for every j
             after = torch.empty(limits.shape[0], num_thresholds, num_samples)
             running = torch.full_like(after[:, 0], float(exit_cost[-1]))
@@ -93,8 +94,8 @@ def per_exit_search(
                 achieved = (settled + torch.where(reach, after[:, j], 0.0)).mean(1)
                 if bool(((achieved - goal).abs() <= tolerance).all()):
                     break  # every target of this chunk is met: later thresholds stay as they are
-            if bool(((achieved - goal).abs() <= tolerance).all()):
-                break
+            if bool(((achieved - goal).abs() <= tolerance).all()) or torch.equal(before, limits):
+                break  # targets met, or a whole sweep changed nothing (the unmet ones are unreachable)
         results.append(limits)
     return torch.cat(results)
 

@@ -7,13 +7,17 @@ the fly from the live features, never from a stale augmented pass: spec §1.2 it
 pitfall). The ICs are trained like SDN (Adam, summed CE, budgeted batches of cached
 un-augmented activations). At inference a sample leaves at IC j only when
 
-    IC max-softmax >= T_ic[j]  AND  E²CM max-softmax > T_cm[j]  AND  (same_class: both argmaxes agree),
+    IC max-softmax >= T_ic[j]  AND  E²CM max-softmax > T_cm[j]  [AND both argmaxes agree]
 
-so an exit never happens where either party says continue. Thresholds for the pair are
+so an exit never happens where either party says continue. The bracketed clause is the
+``"same-class"`` agreement rule; ``"confidence"`` drops it (spec §1.2 item 7 asks for
+both). Requiring the same class vetoes the ~20 % of samples on which the two disagree at
+every IC, which keeps the cheapest reachable cost well above SDN's; by default both rules
+are rule variants and the calibration hull picks per cost. Thresholds for the pair are
 calibrated jointly on the calibration split: T_cm comes from a grid (``grid`` levels of
 per-stage quantiles of the training split's E²CM confidence, level 0 = E²CM never vetoes
-on confidence) and, for each grid level, the per-exit (or shared) search sets T_ic; the
-harness keeps one hull over all levels (rule variants).
+on confidence) and, for each rule and grid level, the per-exit (or shared) search sets
+T_ic; the harness keeps one hull over all of them (rule variants).
 
 Spend: the shared activation pass, plus two statistics passes (class means, then eq. 4
 divisors and the training distances), all recorded in ``extra_forward_samples``; the
@@ -35,6 +39,8 @@ from eebench_plugins.e2cm import ClassMeansExit, _pool_side
 from eebench_plugins.internal_classifiers import ic_reducer
 from eebench_plugins.sdn import REDUCER_KEY, SDN, SDN_FRACTIONS
 
+AGREEMENT_RULES = ("same-class", "confidence")
+
 
 class E2CMSDN(SDN):
     """SDN ICs fed with class-mean distances, exiting only when E²CM agrees."""
@@ -43,8 +49,9 @@ class E2CMSDN(SDN):
     default_calibrator = "per-exit-bisection"
     notes = (
         "E²CM+SDN: SDN ICs whose input adds the K normalised class-mean distances; exit only when the IC "
-        "(≥ T_ic) and E²CM (> T_cm, same class) agree; T_cm from a grid of training-split confidence quantiles, "
-        "T_ic searched per grid level, one calibration hull over all."
+        "(≥ T_ic) and E²CM (> T_cm) agree, with and without also requiring the same class (two rule variants); "
+        "T_cm from a grid of training-split confidence quantiles, T_ic searched per rule and grid level, one "
+        "calibration hull over all."
     )
 
     def __init__(
@@ -54,8 +61,8 @@ class E2CMSDN(SDN):
         fractions: Sequence[float] = SDN_FRACTIONS,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        same_class: bool = True,
-        grid: int = 10,
+        rules: Sequence[str] = AGREEMENT_RULES,
+        grid: int = 5,
         pool_to: int | None = None,
         auto_pool_above: int | None = 16384,
         count_softmax: bool = False,
@@ -63,7 +70,10 @@ class E2CMSDN(SDN):
         super().__init__(backbone, context, fractions, lr, weight_decay, "final", count_softmax)
         if grid < 1:
             raise ValueError("grid must be >= 1")
-        self.same_class, self.grid = bool(same_class), int(grid)
+        unknown = sorted(set(rules) - set(AGREEMENT_RULES))
+        if unknown or not rules:
+            raise ValueError(f"rules must be a non-empty list of {list(AGREEMENT_RULES)}, got {list(rules)}")
+        self.rules, self.grid = list(dict.fromkeys(rules)), int(grid)
         k = context.num_classes
         self.ics = self._build_ics(extra_inputs=k)
         shapes = context.stage_costs.stage_shapes
@@ -77,7 +87,7 @@ class E2CMSDN(SDN):
         return [self.backbone, self.ics, self.means]
 
     def variant_names(self) -> list[str]:
-        return [f"T_cm = q{level:.2f}" for level in self._levels().tolist()]
+        return [f"{rule}, T_cm = q{level:.2f}" for rule in self.rules for level in self._levels().tolist()]
 
     def _levels(self) -> torch.Tensor:
         return torch.arange(self.grid, dtype=torch.float64) / self.grid
@@ -139,9 +149,9 @@ class E2CMSDN(SDN):
     @torch.no_grad()
     def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:
         p = self.parts(x)
-        agree = p["cm_conf"][None] > self.cm_thresholds.to(x.device)[:, :, None]  # [G, ICs, B]
-        if self.same_class:
-            agree = agree & (p["cm_pred"] == p["ic_pred"])[None]
+        confident = p["cm_conf"][None] > self.cm_thresholds.to(x.device)[:, :, None]  # [G, ICs, B]
+        same = (p["cm_pred"] == p["ic_pred"])[None]
+        agree = torch.cat([confident & same if rule == "same-class" else confident for rule in self.rules])
         vetoed = torch.full_like(p["ic_conf"], float("-inf"))
         scores = torch.where(agree, p["ic_conf"][None], vetoed[None])  # [G, ICs, B]
         head = torch.softmax(p["head"].double(), dim=1).max(1)

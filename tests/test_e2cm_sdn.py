@@ -22,7 +22,7 @@ def consulting(trained_resnet20, small_fmnist):
     model = copy.deepcopy(trained_resnet20)
     context = MethodContext(10, bundle.input_shape, StageCosts.measure(model, bundle.input_shape),
                             torch.device("cpu"), seed=0, batch_size=100, train_batch_size=32)
-    strategy = E2CMSDN(model, context, grid=4)
+    strategy = E2CMSDN(model, context, grid=2)  # x 2 agreement rules = 4 variants
     budget = EpochsBudget(3)
     budget.bind(len(train))
     strategy.fit(train, budget)
@@ -54,14 +54,17 @@ def test_consulting_never_exits_where_either_party_says_continue(consulting) -> 
                   for t in calibration]
     curve = build_curve(calibration, traces, costs, candidates)
     checked = 0
+    rules = [rule for rule in strategy.rules for _ in range(strategy.grid)]
+    assert strategy.variant_names()[0].startswith("same-class") and strategy.variant_names()[-1].startswith("conf")
     for variant, trace, vectors in zip(range(4), traces, candidates, strict=True):
         first = trace.first_exit(vectors)  # [V, N]
         for j in range(trace.num_exits - 1):
             leaving = first == j
             ic_ok = parts["ic_conf"][j][None] >= vectors[:, j, None]
-            cm_ok = parts["cm_conf"][j] > strategy.cm_thresholds[variant, j]
-            same = parts["cm_pred"][j] == parts["ic_pred"][j]
-            assert not bool((leaving & ~(ic_ok & (cm_ok & same)[None])).any())
+            cm_ok = parts["cm_conf"][j] > strategy.cm_thresholds[variant % strategy.grid, j]
+            if rules[variant] == "same-class":
+                cm_ok &= parts["cm_pred"][j] == parts["ic_pred"][j]
+            assert not bool((leaving & ~(ic_ok & cm_ok[None])).any())
             checked += int(leaving.sum())
     assert checked > 0  # early exits do happen, so the check above is not vacuous
     assert curve.variants is not None and len(curve.test_cost) >= 1
@@ -73,6 +76,11 @@ def test_grid_level_zero_never_vetoes_on_confidence(consulting) -> None:
     parts = strategy.parts(train.images)
     assert bool((parts["cm_conf"] > strategy.cm_thresholds[0][:, None]).all())
     assert bool((strategy.cm_thresholds.diff(dim=0) >= 0).all())
+    scores = strategy.exit_outputs(train.images[:500]).scores  # [variants, exits, N]
+    confidence_level_zero = strategy.rules.index("confidence") * strategy.grid
+    assert bool(torch.isfinite(scores[confidence_level_zero]).all())  # that rule never vetoes at level 0
+    same_class_level_zero = strategy.rules.index("same-class") * strategy.grid
+    assert bool(torch.isinf(scores[same_class_level_zero, :-1]).any())  # class disagreements are vetoed
 
 
 def test_costs_add_the_distance_overhead(consulting) -> None:
