@@ -62,6 +62,17 @@ class ExitTrace:
             first.masked_fill_(exit_fires(self.scores[j], thresholds[:, j, None], self.strict), j)
         return first
 
+    def outcome(self, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[V, N] exit index and [V, N] correctness of every sample under each vector.
+
+        A method whose decision is not "the first exit whose score passes its threshold"
+        (e.g. class exclusion, which carries a per-sample set of alive classes from exit
+        to exit) subclasses ExitTrace, overrides this and ``first_exit``, and returns its
+        trace from ``ExitStrategy.precomputed_trace``; costs and hulls then work unchanged.
+        """
+        first = self.first_exit(thresholds)
+        return first, self.correct.gather(0, first)
+
     def evaluate(self, thresholds: torch.Tensor, costs: ExitCosts, chunk: int = 0) -> Evaluation:
         """Cost, accuracy and exit counts of each threshold vector ([V, E-1]).
 
@@ -74,20 +85,19 @@ class ExitTrace:
         if thresholds.shape[1] != self.num_exits - 1:
             raise ValueError(f"expected {self.num_exits - 1} thresholds, got {thresholds.shape[1]}")
         chunk = chunk or max(1, int(2e7 // max(1, self.num_samples)))
-        correct = self.correct
         out_cost, out_acc, out_counts = [], [], []
         for start in range(0, thresholds.shape[0], chunk):
             block = thresholds[start : start + chunk]
             enabled = torch.cat([torch.isfinite(block), torch.ones_like(block[:, :1], dtype=torch.bool)], 1)
             if self.chained:
                 enabled = enabled.flip(-1).cummax(-1).values.flip(-1)
-            first = self.first_exit(block)  # [v, N]
+            first, correct = self.outcome(block)  # [v, N] each
             rows = torch.arange(block.shape[0])[:, None] * self.num_exits
             counts = (first + rows).flatten().bincount(minlength=block.shape[0] * self.num_exits)
             counts = counts.view(block.shape[0], self.num_exits)
             out_counts.append(counts)
             out_cost.append((counts.double() * costs.normalised(enabled)).sum(1) / self.num_samples)
-            out_acc.append(correct.gather(0, first).sum(1).double() / self.num_samples)
+            out_acc.append(correct.sum(1).double() / self.num_samples)
         return Evaluation(torch.cat(out_cost), torch.cat(out_acc), torch.cat(out_counts))
 
 
