@@ -1,0 +1,90 @@
+"""Joint training of a backbone and its exit heads under a Budget, shared by BranchyNet and EENet.
+
+Both methods start from the cached base network the harness passes in (``from_scratch``
+reloads the backbone plugin's own initialisation first, as their papers train), train the
+backbone and the heads together with Adam on augmented batches handed out by the Budget,
+and record the training MACs as forward + backward ≈ 3 × forward per sample (the
+convention every built-in method follows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from eebench.api import Budget, EebenchError, MethodContext, StagedBackbone
+
+
+class MethodConfigError(EebenchError, ValueError):
+    """A bad method parameter: a ValueError for callers, one clean line for the CLI."""
+
+
+def reset_to_fresh(backbone: StagedBackbone, context: MethodContext, key: str) -> None:
+    """Load freshly initialised weights (the backbone plugin's own init) into ``backbone``."""
+    if context.fresh_backbone is None:
+        raise MethodConfigError("from_scratch needs a fresh backbone from the harness (context.fresh_backbone)",
+                                key=key)
+    backbone.load_state_dict(context.fresh_backbone().state_dict())
+
+
+def stage_outputs_at(backbone: StagedBackbone, x: torch.Tensor,
+                     stages: Sequence[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The outputs of ``stages`` (in order) and the head's logits, from one pass."""
+    wanted = set(stages)
+    picked: dict[int, torch.Tensor] = {}
+    out = x
+    for index, stage in enumerate(backbone.stages):
+        out = stage(out)
+        if index in wanted:
+            picked[index] = out
+    return [picked[s] for s in stages], backbone.head(out)
+
+
+def train_jointly(
+    backbone: StagedBackbone,
+    heads: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    train: Dataset,
+    budget: Budget,
+    context: MethodContext,
+    *,
+    lr: float,
+    weight_decay: float,
+    per_sample_macs: float,
+    description: str,
+    key: str,
+) -> None:
+    """Adam on backbone + heads, batches (augmented by ``context.augment``) from the budget.
+
+    ``per_sample_macs`` is one forward pass of the whole multi-exit network; a sample is
+    charged three times that (forward plus a backward taken as twice the forward).
+    """
+    parameters = [*backbone.parameters(), *heads.parameters()]
+    optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    backbone.train()
+    heads.train()
+    seen = 0
+    for x, y in budget.batches(train, context.train_batch_size, device=context.device, augment=context.augment,
+                               seed=context.seed, description=description):
+        loss = loss_fn(x, y)
+        if not torch.isfinite(loss):
+            raise MethodConfigError(f"training loss is {loss.item()} after {seen} samples; expected a finite loss "
+                                    "(try a lower lr)", key=key)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += int(y.shape[0])
+        budget.spend.training_macs += int(y.shape[0]) * 3.0 * per_sample_macs
+    budget.spend.seconds = budget.elapsed()
+    backbone.eval()
+    heads.eval()
+
+
+def check_positive(value: float, key: str, allow_zero: bool = False) -> float:
+    value = float(value)
+    if value < 0 or (value == 0 and not allow_zero):
+        raise MethodConfigError(f"expected a number {'>=' if allow_zero else '>'} 0, got {value}", key=key)
+    return value
