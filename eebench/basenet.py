@@ -40,7 +40,7 @@ class BaseInfo:
     """What a cell needs to know about its base backbone."""
 
     key: str
-    test_accuracy: float
+    test_accuracy: float | None  # None when eebench did not train it (recipe epochs: 0)
     train_seconds: float
     train_samples: int
     cached: bool

@@ -36,22 +36,61 @@ def _row_label(result: dict[str, Any], many_budgets: bool) -> str:
     return f"{result['method']} ({result['budget']['label']})" if many_budgets else result["method"]
 
 
+def mean_curve(curves: list[tuple[list[float], list[float]]], points: int = 200) -> tuple[list[float], list[float]]:
+    """The mean of several (test cost, accuracy) curves, each linearly interpolated on a common
+    cost grid over the range every curve covers (as the E²CM paper averages its runs)."""
+    import numpy as np
+
+    low = max(min(cost) for cost, _ in curves)
+    high = min(max(cost) for cost, _ in curves)
+    if high <= low:
+        return [], []
+    grid = np.linspace(low, high, points)
+    values = []
+    for cost, accuracy in curves:
+        order = np.argsort(cost, kind="stable")
+        values.append(np.interp(grid, np.asarray(cost)[order], np.asarray(accuracy)[order]))
+    return grid.tolist(), np.mean(values, axis=0).tolist()
+
+
+def _operating_marks(group: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
+    """(name, mean test cost, mean test accuracy) of each fixed operating point of a method."""
+    names = dict.fromkeys(p["name"] for r in group for p in r.get("operating_points", []))
+    marks = []
+    for name in names:
+        points = [p["test"] for r in group for p in r.get("operating_points", []) if p["name"] == name]
+        marks.append((name, statistics.mean(p["cost"] for p in points), statistics.mean(p["accuracy"] for p in points)))
+    return marks
+
+
 def plot_curves(results: list[dict[str, Any]], targets: list[float], path: Path, title: str,
                 many_budgets: bool) -> None:
+    """Each method's test curve; with several seeds each seed faint and their mean bold. Fixed
+    operating points get a vertical line at their cost and a marker (E²CM paper, Fig. 4)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for label, group in _group(results, lambda r: _row_label(r, many_budgets)).items():
-        for k, result in enumerate(group):
-            test = result["curve"]["test"]
-            ax.plot(test["cost"], [100 * a for a in test["accuracy"]], marker=".", markersize=3,
-                    linewidth=1.2, label=label if k == 0 else None, alpha=1.0 if len(group) == 1 else 0.6)
-    backbone = [r["backbone_test_accuracy"] for r in results]
-    ax.scatter([1.0], [100 * statistics.mean(backbone)], marker="*", s=120, color="black", zorder=5,
-               label="backbone (no early exit)")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (label, group) in enumerate(_group(results, lambda r: _row_label(r, many_budgets)).items()):
+        colour = colours[index % len(colours)]
+        curves = [(r["curve"]["test"]["cost"], [100 * a for a in r["curve"]["test"]["accuracy"]]) for r in group]
+        if len(curves) == 1:
+            ax.plot(*curves[0], marker=".", markersize=3, linewidth=1.2, color=colour, label=label)
+        else:
+            for cost, accuracy in curves:
+                ax.plot(cost, accuracy, linewidth=0.8, color=colour, alpha=0.3)
+            ax.plot(*mean_curve(curves), linewidth=2.2, color=colour, label=f"{label} (mean of {len(curves)} seeds)")
+        for name, cost, accuracy in _operating_marks(group):
+            ax.axvline(cost, color=colour, linestyle="--", linewidth=0.8, alpha=0.7)
+            ax.scatter([cost], [100 * accuracy], marker="D", s=22, color=colour, zorder=5)
+            ax.annotate(name, (cost, 100 * accuracy), textcoords="offset points", xytext=(3, -10), fontsize=7)
+    backbone = [r["backbone_test_accuracy"] for r in results if r["backbone_test_accuracy"] is not None]
+    if backbone:
+        ax.scatter([1.0], [100 * statistics.mean(backbone)], marker="*", s=120, color="black", zorder=5,
+                   label="backbone (no early exit)")
     for t in targets:
         ax.axvline(t, color="grey", linestyle=":", linewidth=0.8)
     ax.set_xlabel("cost (fraction of the plain backbone's MACs)")
@@ -100,12 +139,15 @@ def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
         "",
     ]
     for (dataset, backbone), group in _group(results, lambda r: (r["dataset"], r["backbone"])).items():
-        base_acc = list({r["seed"]: r["backbone_test_accuracy"] for r in group}.values())  # one per seed
+        base_acc = [a for a in {r["seed"]: r["backbone_test_accuracy"] for r in group}.values()  # one per seed
+                    if a is not None]
         seeds = sorted({r["seed"] for r in group})
+        plain = (f"{_fmt(base_acc)} test accuracy" if base_acc else
+                 "not trained by eebench (recipe epochs 0: the method trains it)")
         lines += [
             f"## {dataset} · {backbone}",
             "",
-            f"Plain backbone: {_fmt(base_acc)} test accuracy at {group[0]['backbone_macs'] / 1e6:.2f} M MACs; "
+            f"Plain backbone: {plain} at {group[0]['backbone_macs'] / 1e6:.2f} M MACs; "
             f"seeds {seeds}; train/calibration/test sizes {group[0]['sizes']['train']:,}/"
             f"{group[0]['sizes']['calibration']:,}/{group[0]['sizes']['test']:,}; "
             f"calibration on the {group[0]['calibration_split']}.",
@@ -122,8 +164,10 @@ def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
             end_cost = statistics.mean(e["test_cost"] for e in end)
             lines.append(f"| {label} | " + " | ".join(cells)
                          + f" | {_fmt([e['test_accuracy'] for e in end])} ({end_cost:.2f}) | {_spend(rows)} |")
-        lines.append("| backbone (no early exit) | " + " | ".join(
-            _fmt(base_acc) if t >= 1.0 else "—" for t in columns) + f" | {_fmt(base_acc)} (1.00) | base recipe |")
+        if base_acc:
+            lines.append("| backbone (no early exit) | " + " | ".join(
+                _fmt(base_acc) if t >= 1.0 else "—" for t in columns) + f" | {_fmt(base_acc)} (1.00) | base recipe |")
+        lines += _metrics_table(group, many_budgets, columns)
         figure = leaderboard_dir / _slug(suite_name) / f"{_slug(dataset)}-{_slug(backbone)}.png"
         plot_curves(group, targets, figure, f"{dataset} · {backbone}", many_budgets)
         lines += ["", f"![accuracy–cost curves]({figure.relative_to(leaderboard_dir).as_posix()})", ""]
@@ -143,6 +187,45 @@ def _accuracy_under(result: dict[str, Any], target: float) -> float | None:
     return None if best is None else curve["test"]["accuracy"][best]
 
 
+def _metric_under(result: dict[str, Any], name: str, target: float) -> float | None:
+    """A method's extra test metric at the point that gives its accuracy at ``target``."""
+    curve = result["curve"]
+    values = curve["test"].get("metrics", {}).get(name)
+    best = best_point_under(curve["calibration"]["cost"], curve["test"]["accuracy"], target)
+    return None if values is None or best is None else values[best]
+
+
+def _fmt_plain(values: list[float | None]) -> str:
+    if not values or None in values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _metric_names(items: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(name for item in items for name in item.get("metrics", {})))
+
+
+def _metrics_table(group: list[dict[str, Any]], many_budgets: bool, columns: list[float]) -> list[str]:
+    """Extra test metrics a method reports (``ExitStrategy.extra_metrics``, e.g. NMI and ARI)
+    at the same points as the accuracy table above."""
+    names = _metric_names([r["curve"]["test"] for r in group])
+    if not names:
+        return []
+    lines = ["", "Further test metrics at the same points (mean ± std over seeds):", "",
+             "| method | metric | " + " | ".join(f"φ={t:.2f}" for t in columns) + " |",
+             "|---" * (len(columns) + 2) + "|"]
+    for label, rows in _group(group, lambda r: _row_label(r, many_budgets)).items():
+        for name in names:
+            cells = []
+            for t in columns:
+                values = [_metric_under(r, name, t) for r in rows]
+                cells.append("—" if None in values else _fmt_plain(values))
+            lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _exit_shares(names: list[str], counts: list[int]) -> str:
     total = sum(counts) or 1
     return ", ".join(f"{n} {100 * c / total:.0f}%" for n, c in zip(names, counts, strict=True) if c)
@@ -156,12 +239,17 @@ def _operating_point_table(group: list[dict[str, Any]], many_budgets: bool) -> l
             for name in dict.fromkeys(p["name"] for r in results for p in r.get("operating_points", []))]
     if not rows:
         return []
-    lines = ["Operating points (fixed thresholds, not calibrated; test split; exit distribution of the first seed):",
-             "", "| method | operating point | accuracy | cost | exit distribution |", "|---|---|---|---|---|"]
+    metrics = _metric_names([p["test"] for _, _, points, _ in rows for p in points])
+    lines = ["Operating points (fixed thresholds, not calibrated; test split; mean ± std over seeds; exit "
+             "distribution of the first seed):", "",
+             "| method | operating point | accuracy | cost | " + "".join(f"{m} | " for m in metrics)
+             + "exit distribution |", "|---" * (5 + len(metrics)) + "|"]
     for label, name, points, first in rows:
         cost = statistics.mean(p["test"]["cost"] for p in points)
         shares = _exit_shares(first["exits"]["names"], points[0]["test"]["exit_counts"])
-        lines.append(f"| {label} | {name} | {_fmt([p['test']['accuracy'] for p in points])} | {cost:.3f} | {shares} |")
+        extra = "".join(f"{_fmt_plain([p['test'].get('metrics', {}).get(m) for p in points])} | " for m in metrics)
+        lines.append(f"| {label} | {name} | {_fmt([p['test']['accuracy'] for p in points])} | {cost:.3f} | {extra}"
+                     f"{shares} |")
     return [*lines, ""]
 
 

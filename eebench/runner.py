@@ -16,7 +16,7 @@ import torch
 
 import eebench
 from eebench.activations import ActivationCache
-from eebench.basenet import BaseInfo, prepare_backbone
+from eebench.basenet import BaseInfo, content_hash, prepare_backbone
 from eebench.calibration import build_curve
 from eebench.costs import ExitCosts, StageCosts
 from eebench.datasets import DatasetBundle, dataset_labels, seeded_subset_indices, take
@@ -111,12 +111,16 @@ class Runner:
         if key not in self._bases:
             model = self.build_backbone(cell.backbone, splits.bundle, cell.seed)
             i = self._index(self.suite.backbones, cell.backbone)
-            info = prepare_backbone(
-                model, payload, splits.train, splits.test, cell.backbone.recipe,
-                augment=splits.bundle.augment, seed=cell.seed, device=self.device,
-                checkpoint=cell.backbone.checkpoint, eval_batch_size=cell.batch_size,
-                where=self.where, key=f"backbones[{i}]",
-            )
+            if cell.backbone.recipe.epochs == 0 and not cell.backbone.checkpoint:
+                # the method trains the backbone itself (e.g. unsupervised DEC): no labels, no base accuracy
+                info = BaseInfo(content_hash(payload), None, 0.0, 0, False, "untrained (recipe epochs: 0)")
+            else:
+                info = prepare_backbone(
+                    model, payload, splits.train, splits.test, cell.backbone.recipe,
+                    augment=splits.bundle.augment, seed=cell.seed, device=self.device,
+                    checkpoint=cell.backbone.checkpoint, eval_batch_size=cell.batch_size,
+                    where=self.where, key=f"backbones[{i}]",
+                )
             costs = StageCosts.measure(model, splits.bundle.input_shape)
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             self._bases[key] = (state, info, costs)
@@ -160,8 +164,9 @@ class Runner:
         phases["fit"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        calibration_traces = compute_traces(strategy, splits.calibration, batch_size=cell.batch_size,
-                                            device=self.device, description="calibration trace")
+        calibration_traces = [strategy.calibration_view(trace) for trace in compute_traces(
+            strategy, splits.calibration, batch_size=cell.batch_size, device=self.device,
+            description="calibration trace")]
         phases["trace_calibration"] = time.perf_counter() - tick
         tick = time.perf_counter()
         test_traces = compute_traces(strategy, splits.test, batch_size=cell.batch_size, device=self.device,
@@ -179,9 +184,20 @@ class Runner:
         candidates = [calibrator.thresholds(trace, exit_costs, generator) for trace in calibration_traces]
         curve = build_curve(calibration_traces, test_traces, exit_costs, candidates)
         test_trace = test_traces[0]
-        no_exit = test_trace.evaluate(torch.full((1, test_trace.num_exits - 1), float("inf")), exit_costs)
+        no_exit = test_trace.evaluate(no_exit_vector(test_trace), exit_costs)
         operating_points = evaluate_operating_points(strategy.operating_points(), calibration_traces, test_traces,
-                                                     exit_costs)
+                                                     exit_costs, strategy.extra_metrics)
+        curve_dict = curve.to_dict()
+        no_exit_metrics = _metrics(strategy.extra_metrics, test_trace, no_exit_vector(test_trace))
+        curve_metrics = _curve_metrics(strategy.extra_metrics, test_traces, curve.thresholds, curve.variants)
+        if curve_metrics:
+            curve_dict["test"]["metrics"] = curve_metrics
+        accuracy_at = {}
+        for t in self.suite.targets:
+            at = curve.accuracy_at(t)
+            if at is not None and curve_metrics:
+                at["metrics"] = {name: values[at["point"]] for name, values in curve_metrics.items()}
+            accuracy_at[f"{t:g}"] = at
         phases["calibrate"] = time.perf_counter() - tick
 
         return {
@@ -221,27 +237,64 @@ class Runner:
             "exits": {"names": strategy.exit_names(), **exit_costs.to_dict()},
             "variants": strategy.variant_names(),
             "spend": budget.spend.to_dict(),
-            "curve": curve.to_dict(),
-            "accuracy_at": {f"{t:g}": curve.accuracy_at(t) for t in self.suite.targets},
+            "curve": curve_dict,
+            "accuracy_at": accuracy_at,
             "hull_end": {"test_accuracy": float(curve.test_accuracy[-1]), "test_cost": float(curve.test_cost[-1])},
-            "no_exit": {"test_accuracy": float(no_exit.accuracy[0]), "test_cost": float(no_exit.cost[0])},
+            "no_exit": {"test_accuracy": float(no_exit.accuracy[0]), "test_cost": float(no_exit.cost[0]),
+                        **({"metrics": no_exit_metrics} if no_exit_metrics else {})},
             "operating_points": operating_points,
+            "fit_info": strategy.fit_info(),
         }
 
 
+Metrics = Callable[[torch.Tensor, torch.Tensor], dict[str, list[float]]]
+
+
+def no_exit_vector(trace: ExitTrace) -> torch.Tensor:
+    return torch.full((1, trace.num_exits - 1), float("inf"), dtype=torch.float64)
+
+
+def _predictions(trace: ExitTrace, thresholds: torch.Tensor) -> torch.Tensor:
+    """[V, N] the prediction each sample leaves with (the prediction of its exit)."""
+    first, _ = trace.outcome(torch.as_tensor(thresholds, dtype=torch.float64).reshape(-1, trace.num_exits - 1))
+    return trace.preds.gather(0, first)
+
+
+def _metrics(metrics: Metrics, trace: ExitTrace, thresholds: torch.Tensor) -> dict[str, float]:
+    """A method's extra test metrics (``ExitStrategy.extra_metrics``) of one threshold vector."""
+    values = metrics(_predictions(trace, thresholds), trace.labels)
+    return {name: float(row[0]) for name, row in values.items()}
+
+
+def _curve_metrics(metrics: Metrics, traces: list[ExitTrace], thresholds: torch.Tensor,
+                   variants: torch.Tensor | None) -> dict[str, list[float]]:
+    """Extra test metrics of every hull point, in hull order ({} when the method has none)."""
+    out: dict[str, list[float]] = {}
+    for k in range(thresholds.shape[0]):
+        trace = traces[0 if variants is None else int(variants[k])]
+        values = _metrics(metrics, trace, thresholds[k])
+        if not values:
+            return {}  # the method reports no extra metrics: skip the other points
+        for name, value in values.items():
+            out.setdefault(name, []).append(value)
+    return out
+
+
 def evaluate_operating_points(points: list[OperatingPoint], calibration: list[ExitTrace], test: list[ExitTrace],
-                              costs: ExitCosts) -> list[dict[str, Any]]:
-    """Cost, accuracy and exit counts of each fixed operating point on both splits."""
+                              costs: ExitCosts, metrics: Metrics | None = None) -> list[dict[str, Any]]:
+    """Cost, accuracy and exit counts (and extra test metrics) of each fixed operating point on both splits."""
     rows = []
     for point in points:
         thresholds = torch.as_tensor(point.thresholds, dtype=torch.float64).reshape(1, -1)
         on_calibration = calibration[point.variant].evaluate(thresholds, costs)
         on_test = test[point.variant].evaluate(thresholds, costs)
+        extra = _metrics(metrics, test[point.variant], thresholds) if metrics else {}
         rows.append({
-            "name": point.name, "variant": point.variant, "thresholds": thresholds[0].tolist(),
+            "name": point.name, "variant": point.variant,
+            "thresholds": [float(t) if torch.isfinite(t) else None for t in thresholds[0]],  # None: ±inf (JSON)
             "calibration": {"cost": float(on_calibration.cost[0]), "accuracy": float(on_calibration.accuracy[0])},
             "test": {"cost": float(on_test.cost[0]), "accuracy": float(on_test.accuracy[0]),
-                     "exit_counts": on_test.exit_counts[0].tolist()},
+                     "exit_counts": on_test.exit_counts[0].tolist(), **({"metrics": extra} if extra else {})},
         })
     return rows
 

@@ -126,6 +126,26 @@ class ExitStrategy(ABC):
         """A trace the method already holds for ``dataset`` (saves a pass), or None."""
         return None
 
+    def calibration_view(self, trace: ExitTrace) -> ExitTrace:
+        """The calibration trace thresholds are chosen on (unchanged by default).
+
+        An unsupervised method swaps the true labels for a label-free target here (e.g.
+        its final exit's own assignments), so labels never choose its thresholds.
+        """
+        return trace
+
+    def extra_metrics(self, preds: torch.Tensor, labels: torch.Tensor) -> dict[str, list[float]]:
+        """Further test metrics (e.g. NMI, ARI) of each row of final predictions [V, N].
+
+        The harness calls it for every hull point, operating point and the no-exit vector;
+        values go into the result JSON and the leaderboard. None by default.
+        """
+        return {}
+
+    def fit_info(self) -> dict[str, Any]:
+        """What ``fit`` did (iterations, stopping reasons...), stored in the result as is."""
+        return {}
+
     def exit_names(self) -> list[str]:
         return [f"exit{i}" for i in range(self.exit_costs().num_exits)]
 

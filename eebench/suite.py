@@ -47,7 +47,7 @@ class Recipe(BaseModel):
     """How eebench trains the base backbone (cached by content hash)."""
 
     model_config = Strict
-    epochs: float = Field(3, gt=0)
+    epochs: float = Field(3, ge=0)  # 0: left at its plugin's init, for methods that train it themselves (DEC)
     batch_size: PositiveInt = 128
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.1, gt=0)
