@@ -282,3 +282,41 @@ def test_suite_end_to_end_reports_decs_metrics_and_figure(tmp_path) -> None:
     assert "| E²CM-DEC | DEC_small |" in board and "| E²CM-DEC | DEC_large |" in board
     assert "| E²CM-DEC | NMI |" in board and "backbone (no early exit)" not in board
     assert (tmp_path / "boards" / "dec_tiny" / "fashion-mnist-dec.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fitting_twice_gives_identical_numbers_and_the_paper_recipe_is_finite(fitted) -> None:
+    strategy, _, train, test = fitted
+    bundle = dict(num_classes=10, input_shape=(1, 28, 28))
+
+    def fit(**params) -> DECE2CM:
+        torch.manual_seed(0)
+        model = dec_backbone(**bundle)
+        again = DECE2CM(model, strategy.context, **params)
+        again.fit(train, SamplesBudget(10**9))
+        return again
+
+    again = fit(**TINY)
+    first = compute_trace(strategy, test, batch_size=100, device="cpu")
+    second = compute_trace(again, test, batch_size=100, device="cpu")
+    assert torch.equal(first.preds, second.preds) and torch.equal(first.scores, second.scores)
+    paper = fit(**{**TINY, "recipe": "paper", "batch_size": 50})  # SGD lr 0.1, momentum 0.9, step decay
+    assert paper.recipe.optimizer == "sgd" and paper.recipe.lr == 0.1
+    assert all(math.isfinite(p["last_loss"]) for p in paper.fit_log["phases"])
+
+
+def test_the_budget_caps_training(small_fmnist) -> None:
+    bundle, train, _ = small_fmnist
+    torch.manual_seed(0)
+    model = dec_backbone(10, bundle.input_shape)
+    context = MethodContext(10, bundle.input_shape, StageCosts.measure(model, bundle.input_shape),
+                            torch.device("cpu"), seed=0, batch_size=100)
+    strategy = DECE2CM(model, context, **TINY)
+    budget = SamplesBudget(500)
+    strategy.fit(train, budget)
+    phases = {p["name"]: p for p in strategy.fit_log["phases"]}
+    assert phases["DEC_large SAE layer 1"]["iterations"] == 10  # 10 x 50 samples: the whole budget
+    assert phases["DEC_large SAE layer 2"]["stopped"] == "budget" and phases["DEC_large SAE layer 2"]["iterations"] == 0
+    assert phases["DEC_large KL"]["stopped"] == "budget" and phases["DEC_large KL"]["iterations"] == 0
+    assert budget.spend.samples == 500
+    with torch.no_grad():
+        assert strategy.exit_outputs(train.images[:5]).preds.shape == (3, 5)  # still a usable (weak) model

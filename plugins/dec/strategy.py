@@ -127,7 +127,7 @@ class DECE2CM(ExitStrategy):
         self.exits = nn.ModuleList(ClassMeansExit((self.dim,), self.num_clusters, None)
                                    for _ in range(len(self.exit_stages) + 1))
         size = max(self.num_clusters, context.num_classes)
-        self.register_maps(size)
+        self._reset_maps(size)
         self.fit_log: dict[str, Any] = {}
         self.notes = (
             f"E²CM-DEC (recipe '{recipe}'): DEC_small/DEC_middle freeze DEC_large's first layers and train their "
@@ -138,7 +138,7 @@ class DECE2CM(ExitStrategy):
             "K·(3·10−1) distance MACs); the suite's budget only caps DEC's training, whose length the recipe sets."
         )
 
-    def register_maps(self, size: int) -> None:
+    def _reset_maps(self, size: int) -> None:
         exits = len(self.exit_stages) + 1
         self.truth_maps = torch.arange(size).repeat(exits, 1)  # cluster -> class, per exit (evaluation only)
         self.to_large = torch.arange(size).repeat(exits, 1)  # cluster -> DEC_large's cluster, per exit
