@@ -46,6 +46,12 @@ accounting instead: exit i costs the stages up to it plus *only* exit block i, a
 final exit costs exactly 1.0 (the blocks passed on the way are free); this is expressed
 by folding each block's MACs into the exit's backbone cost with no overheads.
 
+Observed behaviour worth knowing: L_v2 is a mixture NLL, so exit i's classifier gets the
+cross-entropy gradient weighted by its responsibility h_i·p_i(y)/P_i(y). Starting from a
+trained backbone, the final exit is already good, so the early classifiers mostly see the
+samples the final exit gets wrong and learn slowly (eenet_lambda leaderboard); the paper
+trains every exit from scratch for 20–350 epochs, where this matters less.
+
 Training (the reference defaults): Adam, lr 1e-3, weight decay 1e-4, jointly on backbone
 and exits, from the cached base network for the suite's budget (``from_scratch: true``
 reloads the backbone plugin's initialisation first, as the paper trains).
@@ -220,7 +226,7 @@ class EENet(ExitStrategy):
             f"{self.exit_stages}, at {fractions} of backbone MACs"
             + ("; 'quadratic' follows the legacy Keras code: evenly spaced by block count" if distribution ==
                "quadratic" else "")
-            + f"), L_v2 with λ = {self.lambda_coef:g}; backbone + exits "
+            + "), L_v2 (λ = lambda_coef, default 1); backbone + exits "
             + ("trained from scratch" if self.from_scratch else "trained jointly from the cached base network")
             + f" under the budget (Adam lr {self.lr:g}, wd {self.weight_decay:g}; the paper trains from scratch); "
             "final exit = the backbone's head; curve from a shared-T sweep of h > T, paper point T = 0.5; "
