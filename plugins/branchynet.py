@@ -14,7 +14,8 @@ a preset: ``e2cm`` = [1/6, 1/4, 1] (the E²CM paper's best, the default), ``equa
 ``paper`` = [1, 1, 0.3]: the BranchyNet paper's 2-exit B-AlexNet used 1.0 for the branch
 and 0.3 for the final exit ("weighting early branches more"); with two branches each branch
 gets 1.0 and the final exit 0.3. Adam (lr 1e-3, no weight decay, as the reference's Adam
-runs), batches augmented as the dataset prescribes.
+runs), batches augmented as the dataset prescribes; the lr decays to 0 over the budget by a
+half cosine (``schedule: constant`` keeps the paper's constant lr).
 
 Inference: exit n fires when the entropy of its softmax (natural log, so T ∈ [0, ln K]) is
 strictly below T_n. The trace reports score = −entropy with ``strict = True``, which is the
@@ -55,6 +56,7 @@ from eebench.api import (
 from eebench_plugins.joint_training import (
     MethodConfigError,
     check_positive,
+    check_schedule,
     reset_to_fresh,
     stage_outputs_at,
     train_jointly,
@@ -159,6 +161,7 @@ class BranchyNet(ExitStrategy):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         from_scratch: bool = False,
+        schedule: str = "cosine",
         count_softmax: bool = False,
     ) -> None:
         super().__init__(backbone, context)
@@ -166,6 +169,7 @@ class BranchyNet(ExitStrategy):
         if not 0 < float(second_at) < 1:
             raise MethodConfigError(f"second_at must be in (0, 1), got {second_at}", key="branchynet.second_at")
         self.lr = check_positive(lr, "branchynet.lr")
+        self.schedule = check_schedule(schedule, "branchynet.schedule")
         self.weight_decay = check_positive(weight_decay, "branchynet.weight_decay", allow_zero=True)
         self.from_scratch, self.count_softmax = bool(from_scratch), bool(count_softmax)
         self.branch_stages = place_branches(backbone, context, float(second_at))
@@ -182,7 +186,8 @@ class BranchyNet(ExitStrategy):
             f"BranchyNet: branches after the stem and at block {self.branch_stages[1]} (nearest {second_at:.2f} of "
             "backbone MACs), each maxpool 2 → conv3×3+BN+ReLU → avgpool ≤4×4 → linear; backbone + branches "
             + ("trained from scratch" if self.from_scratch else "trained jointly from the cached base network")
-            + f" under the budget (Adam lr {self.lr:g}; the paper trains from scratch), loss Σ w·CE with "
+            + f" under the budget (Adam lr {self.lr:g}, {self.schedule} schedule; the paper trains from scratch at a "
+            "constant lr), loss Σ w·CE with "
             f"weights [{w}] ({label}); exit when softmax entropy < T_n (natural log), per-branch T from the "
             "calibration split (the reference sweeps a grid on test); MACs instead of the paper's wall-clock time."
         )
@@ -213,7 +218,7 @@ class BranchyNet(ExitStrategy):
         per_sample = self.context.stage_costs.total + math.fsum(self._branch_macs)
         train_jointly(self.backbone, self.branches, lambda x, y: self.loss(self.logits(x), y), train, budget,
                       self.context, lr=self.lr, weight_decay=self.weight_decay, per_sample_macs=per_sample,
-                      description="branchynet", key="branchynet.lr")
+                      description="branchynet", schedule=self.schedule, key="branchynet.lr")
 
     @torch.no_grad()
     def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:

@@ -128,6 +128,25 @@ def test_from_scratch_starts_from_the_backbone_plugins_initialisation(registry, 
         BranchyNet(model, make_context(model, bundle.input_shape), from_scratch=True).fit(train, SamplesBudget(8))
 
 
+@pytest.mark.parametrize(("schedule", "expected"), [("cosine", [1.0, 0.5]), ("constant", [1.0, 1.0])])
+def test_lr_schedule_over_the_planned_samples(trained_resnet20, small_fmnist, monkeypatch, schedule, expected) -> None:
+    bundle, train, _ = small_fmnist
+    model = copy.deepcopy(trained_resnet20)
+    seen: list[float] = []
+
+    class RecordingAdam(torch.optim.Adam):
+        def step(self, closure=None):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    strategy = BranchyNet(model, make_context(model, bundle.input_shape), lr=0.01, schedule=schedule)
+    strategy.fit(train, SamplesBudget(64))  # two batches of 32: the second starts half-way through the plan
+    assert seen == pytest.approx([0.01 * e for e in expected])
+    with pytest.raises(ValueError, match="schedule"):
+        BranchyNet(model, make_context(model, bundle.input_shape), schedule="step")
+
+
 def test_cli_run_shows_branchynet_in_the_leaderboard(tmp_path) -> None:
     from eebench.cli import main
 
