@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from eebench.costs import ExitCosts
-from eebench.trace import ExitTrace
+from eebench.trace import ExitTrace, thresholds_to_json
 
 
 class Calibrator(ABC):
@@ -83,7 +83,7 @@ class Curve:
     def to_dict(self) -> dict[str, object]:
         return {
             "candidates": self.candidates,
-            "thresholds": [[float(t) if torch.isfinite(t) else None for t in row] for row in self.thresholds],
+            "thresholds": [thresholds_to_json(row) for row in self.thresholds],
             "variants": [] if self.variants is None else self.variants.tolist(),
             "calibration": {"cost": self.calibration_cost.tolist(), "accuracy": self.calibration_accuracy.tolist()},
             "test": {

@@ -26,7 +26,7 @@ from eebench.plugins import Registry
 from eebench.results import cell_path, finished, write_atomic
 from eebench.strategy import MethodContext, OperatingPoint
 from eebench.suite import BackboneSpec, Cell, DatasetSpec, Suite, expand
-from eebench.trace import ExitTrace, compute_traces
+from eebench.trace import ExitTrace, compute_traces, thresholds_to_json
 
 
 @dataclass
@@ -291,7 +291,7 @@ def evaluate_operating_points(points: list[OperatingPoint], calibration: list[Ex
         extra = _metrics(metrics, test[point.variant], thresholds) if metrics else {}
         rows.append({
             "name": point.name, "variant": point.variant,
-            "thresholds": [float(t) if torch.isfinite(t) else None for t in thresholds[0]],  # None: ±inf (JSON)
+            "thresholds": thresholds_to_json(thresholds[0]),
             "calibration": {"cost": float(on_calibration.cost[0]), "accuracy": float(on_calibration.accuracy[0])},
             "test": {"cost": float(on_test.cost[0]), "accuracy": float(on_test.accuracy[0]),
                      "exit_counts": on_test.exit_counts[0].tolist(), **({"metrics": extra} if extra else {})},

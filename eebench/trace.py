@@ -22,6 +22,11 @@ def exit_fires(scores: torch.Tensor, limits: torch.Tensor, strict: bool) -> torc
     return passed & (scores != float("-inf"))
 
 
+def thresholds_to_json(row: torch.Tensor) -> list[float | str | None]:
+    """One threshold vector as JSON: null = exit off (+inf), "-inf" = always exit, else the float."""
+    return [None if t == float("inf") else "-inf" if t == float("-inf") else float(t) for t in row]
+
+
 @dataclass
 class Evaluation:
     """Results of V threshold vectors on one trace."""
@@ -78,6 +83,7 @@ class ExitTrace:
 
         A threshold of +inf disables its exit: it never fires and its overhead is not paid
         (for ``chained`` methods every exit before the last enabled one is still paid).
+        A threshold of -inf is the opposite, "always exit here": the exit is evaluated and paid.
         """
         thresholds = torch.as_tensor(thresholds, dtype=torch.float64)
         if thresholds.ndim == 1:
@@ -88,7 +94,7 @@ class ExitTrace:
         out_cost, out_acc, out_counts = [], [], []
         for start in range(0, thresholds.shape[0], chunk):
             block = thresholds[start : start + chunk]
-            enabled = torch.cat([torch.isfinite(block), torch.ones_like(block[:, :1], dtype=torch.bool)], 1)
+            enabled = torch.cat([block != float("inf"), torch.ones_like(block[:, :1], dtype=torch.bool)], 1)
             if self.chained:
                 enabled = enabled.flip(-1).cummax(-1).values.flip(-1)
             first, correct = self.outcome(block)  # [v, N] each

@@ -33,7 +33,7 @@ def naive(trace: ExitTrace, thresholds: list[float], costs: ExitCosts) -> tuple[
         paid = 0.0
         for j in range(trace.num_exits):
             last = j == trace.num_exits - 1
-            enabled = last or math.isfinite(thresholds[j])
+            enabled = last or thresholds[j] != math.inf  # -inf: always exit, paid
             if enabled:
                 paid += float(costs.overhead_macs[j])
             s = float(trace.scores[j, n])
@@ -49,13 +49,21 @@ def naive(trace: ExitTrace, thresholds: list[float], costs: ExitCosts) -> tuple[
 def test_vectorised_evaluation_equals_per_sample_walk(strict: bool) -> None:
     trace = synthetic_trace(strict=strict)
     vectors = [[0.5, 0.7, 0.9], [0.2, math.inf, 0.6], [math.inf] * 3, [0.0, 0.0, 0.0],
-               [float(trace.scores[0, 3]), 0.4, math.inf]]
+               [float(trace.scores[0, 3]), 0.4, math.inf], [math.inf, -math.inf, 0.9]]
     result = trace.evaluate(torch.tensor(vectors), COSTS)
     for k, vector in enumerate(vectors):
         cost, acc = naive(trace, vector, COSTS)
         assert result.cost[k].item() == pytest.approx(cost, abs=1e-12)
         assert result.accuracy[k].item() == pytest.approx(acc, abs=1e-12)
         assert int(result.exit_counts[k].sum()) == trace.num_samples
+
+
+def test_minus_inf_threshold_means_always_exit_and_pays_its_overhead() -> None:
+    trace = synthetic_trace()
+    result = trace.evaluate(torch.tensor([[math.inf, -math.inf, math.inf]]), COSTS)
+    assert result.exit_counts[0].tolist() == [0, trace.num_samples, 0, 0]
+    assert result.cost[0].item() == pytest.approx((30.0 + 2.0) / 100.0)  # exit 1's own overhead is paid
+    assert result.accuracy[0].item() == pytest.approx(trace.correct[1].double().mean().item())
 
 
 def test_disabled_exits_cost_exactly_the_plain_backbone() -> None:

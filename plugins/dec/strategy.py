@@ -261,8 +261,7 @@ class DECE2CM(ExitStrategy):
         """Each DEC on its own: everybody leaves at its exit, earlier exits off (+inf: no overhead).
 
         The exit's threshold is 0: a max softmax over K clusters is >= 1/K, so it always fires
-        (-inf would too, but the harness treats non-finite thresholds as exits switched off and
-        would not charge the exit's own overhead).
+        (-inf, "always exit", would do the same).
         """
         points = []
         names = self.exit_names()
