@@ -31,6 +31,26 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "eebench"
 
 
+def _read_meta(meta: Path) -> dict | None:
+    try:
+        info = json.loads(meta.read_text())
+        return info if {"test_accuracy", "train_seconds", "train_samples"} <= set(info) else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _check_cache_writable(folder: Path) -> None:
+    """Fail before training, not after: the trained weights must have somewhere to go."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise EebenchError(f"cannot write the backbone cache there ({exc.strerror}); expected a writable "
+                           "directory (set EEBENCH_CACHE)", where=str(folder), key="EEBENCH_CACHE") from exc
+
+
 def content_hash(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -148,21 +168,23 @@ def prepare_backbone(
     digest = content_hash(payload)
     folder = cache_dir() / "backbones"
     weights, meta = folder / f"{digest}.pt", folder / f"{digest}.json"
-    if weights.is_file() and meta.is_file():
+    info = _read_meta(meta) if weights.is_file() else None
+    if info is not None:  # a missing or unreadable entry is a cache miss: retrain and overwrite it
         load_checkpoint(model, weights, where, key)
         model.to(device).eval()
-        info = json.loads(meta.read_text())
         return BaseInfo(digest, info["test_accuracy"], info["train_seconds"], info["train_samples"], True,
                         f"cache {weights}")
+    _check_cache_writable(folder)
     torch.manual_seed(seed)
     start = time.perf_counter()
     seen = train_backbone(model, train, recipe, augment=augment, seed=seed, device=device, where=where, key=key)
     seconds = time.perf_counter() - start
     acc = accuracy(model, test, eval_batch_size, device)
-    folder.mkdir(parents=True, exist_ok=True)
     tmp = weights.with_suffix(".pt.tmp")
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, weights)
-    meta.write_text(json.dumps({"payload": payload, "test_accuracy": acc, "train_seconds": seconds,
-                                "train_samples": seen}, indent=1, default=str))
+    tmp = meta.with_suffix(".json.tmp")  # the metadata last and atomically: it marks the entry complete
+    tmp.write_text(json.dumps({"payload": payload, "test_accuracy": acc, "train_seconds": seconds,
+                               "train_samples": seen}, indent=1, default=str))
+    os.replace(tmp, meta)
     return BaseInfo(digest, acc, seconds, seen, False, "trained")

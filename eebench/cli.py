@@ -19,10 +19,18 @@ EXIT_USAGE = 2
 def _device(name: str):
     import torch
 
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise EebenchError(f"unknown device '{name}'; expected cpu, cuda or cuda:N", where="command line",
+                           key="--device") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise EebenchError(f"unsupported device '{name}'; expected cpu, cuda or cuda:N", where="command line",
+                           key="--device")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise EebenchError("CUDA is not available on this machine; expected cpu", where="command line",
                            key="--device")
-    return torch.device(name)
+    return device
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -55,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from eebench.plugins import default_registry
     from eebench.progress import console
     from eebench.runner import check_writable, run_suite
-    from eebench.suite import check_plugins, load_suite
+    from eebench.suite import check_plugins, expand, load_suite
 
     suite = load_suite(args.suite)
     registry = default_registry()
@@ -74,7 +82,8 @@ def cmd_run(args: argparse.Namespace) -> int:
               "rerun the same command to resume", file=sys.stderr)
         return EXIT_USAGE
     command = f"eebench run {args.suite}"
-    path = render(run_dir, board_dir, suite.name, suite.targets, suite.description, command, suite.notes)
+    path = render(run_dir, board_dir, suite.name, suite.targets, suite.description, command, suite.notes,
+                  cell_ids={cell.cell_id for cell in expand(suite)})
     print(f"{len(report.done)} cells run, {len(report.skipped)} reused, {report.seconds:.1f}s; "
           f"results in {run_dir}/cells; leaderboard {path}")
     return 0
@@ -82,11 +91,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from eebench.leaderboard import render
+    from eebench.runner import check_writable
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "cells").is_dir():
         raise EebenchError("no cells/ folder; expected a run directory written by 'eebench run'",
                            where=str(run_dir), key="RUN_DIR")
+    check_writable(Path(args.leaderboards), "--leaderboards")
     path = render(run_dir, Path(args.leaderboards), command=f"eebench leaderboard {args.run_dir}")
     print(path)
     return 0
@@ -95,23 +106,25 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eebench", description="Fair benchmarks of early-exit methods.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    # --debug also after the subcommand; SUPPRESS keeps a subcommand from resetting the top-level flag
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a suite and write its leaderboard")
+    run = sub.add_parser("run", parents=[common], help="run a suite and write its leaderboard")
     run.add_argument("suite")
     run.add_argument("--out", help="run directory (default runs/<suite name>)")
     run.add_argument("--leaderboards", help="leaderboard directory (default from the suite: leaderboards)")
-    run.add_argument("--device", default="cpu", help="cpu or cuda")
+    run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     run.add_argument("--only", help="glob over cell ids, e.g. '*e2cm*'")
     run.add_argument("--no-shared-activations", action="store_true",
                      help="every frozen-backbone method pays its own activation pass (for benchmarking)")
-    run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
-    validate = sub.add_parser("validate", help="check a suite file without running it")
+    validate = sub.add_parser("validate", parents=[common], help="check a suite file without running it")
     validate.add_argument("suite")
     validate.set_defaults(func=cmd_validate)
-    plugins = sub.add_parser("plugins", help="list installed plugins as JSON")
+    plugins = sub.add_parser("plugins", parents=[common], help="list installed plugins as JSON")
     plugins.set_defaults(func=cmd_plugins)
-    board = sub.add_parser("leaderboard", help="regenerate a leaderboard from a run directory")
+    board = sub.add_parser("leaderboard", parents=[common], help="regenerate a leaderboard from a run directory")
     board.add_argument("run_dir")
     board.add_argument("--leaderboards", default="leaderboards")
     board.set_defaults(func=cmd_leaderboard)

@@ -10,6 +10,7 @@ from typing import Any
 
 import eebench
 from eebench.calibration import best_point_under
+from eebench.errors import EebenchError
 from eebench.results import load_results
 
 PHI_RULE = (
@@ -120,11 +121,15 @@ def _spend(group: list[dict[str, Any]]) -> str:
 
 def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
            targets: list[float] | None = None, description: str = "", command: str = "",
-           suite_notes: list[str] | None = None) -> Path:
-    """Write ``<leaderboard_dir>/<suite>.md`` and its figures; returns the markdown path."""
-    results = load_results(run_dir)
+           suite_notes: list[str] | None = None, cell_ids: set[str] | None = None) -> Path:
+    """Write ``<leaderboard_dir>/<suite>.md`` and its figures; returns the markdown path.
+
+    ``cell_ids`` limits the board to one suite's cells (``eebench run``); without it every newest
+    result in the run directory is shown (``eebench leaderboard``)."""
+    results = load_results(run_dir, cell_ids)
     if not results:
-        raise FileNotFoundError(f"no cell results under {run_dir / 'cells'}")
+        raise EebenchError("no readable cell results; expected JSON files written by 'eebench run'",
+                           where=str(run_dir / "cells"), key="RUN_DIR")
     suite_name = suite_name or results[0]["suite"]
     targets = targets or sorted({float(t) for r in results for t in r["accuracy_at"]})
     many_budgets = len({r["budget"]["label"] for r in results}) > 1

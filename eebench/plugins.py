@@ -1,7 +1,8 @@
 """Plugin discovery through the ``eebench`` entry-point group, one code path for all.
 
-Each entry point loads in isolation: one that fails to import is reported once and
-skipped. Two plugins registering the same name is an error naming both packages.
+Each entry point loads in isolation: one that fails to import, or whose register hook
+raises, is reported once and skipped (with nothing of it left registered). Two plugins
+registering the same name is an error naming both packages.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def _distribution_of(entry_point: metadata.EntryPoint) -> tuple[str, str]:
 def _register_module(
     registry: Registry, manager: pluggy.PluginManager, module: ModuleType, info: PluginInfo
 ) -> None:
-    manager.register(module, name=info.entry_point)
+    manager.register(module, name=f"{info.package}:{info.entry_point}")  # two packages may share an entry name
     for kind, hook_name in KINDS.items():
         hook = getattr(manager.hook, hook_name)
         for impl in hook.get_hookimpls():
@@ -106,6 +107,23 @@ def _register_module(
             impl.function(register=register)
 
 
+def _skip(registry: Registry, entry_point: str, package: str, step: str, exc: Exception) -> None:
+    """Report a broken plugin once (stderr and ``eebench plugins``) and go on without it."""
+    message = f"plugin '{entry_point}' ({package}) failed to {step}: {type(exc).__name__}: {exc}"
+    registry.failures.append(message)
+    print(f"eebench: warning: {message}; skipped", file=sys.stderr)
+
+
+def _unregister(registry: Registry, manager: pluggy.PluginManager, module: ModuleType, info: PluginInfo) -> None:
+    """Undo a half-finished registration."""
+    for kind, names in info.registered.items():
+        for name in names:
+            registry.factories[kind].pop(name, None)
+            registry.owners[kind].pop(name, None)
+    if manager.is_registered(module):
+        manager.unregister(module)
+
+
 def load_registry(extra_modules: dict[str, ModuleType] | None = None) -> Registry:
     """Discover and load every plugin of the ``eebench`` entry-point group."""
     registry = Registry()
@@ -121,12 +139,17 @@ def load_registry(extra_modules: dict[str, ModuleType] | None = None) -> Registr
         try:
             module = entry_point.load()
         except Exception as exc:  # a broken plugin must not take the CLI down
-            message = f"plugin '{entry_point.name}' ({package}) failed to load: {type(exc).__name__}: {exc}"
-            registry.failures.append(message)
-            print(f"eebench: warning: {message}; skipped", file=sys.stderr)
+            _skip(registry, entry_point.name, package, "load", exc)
             continue
         info = PluginInfo(entry_point=entry_point.name, package=package, version=version)
-        _register_module(registry, manager, module, info)
+        try:
+            _register_module(registry, manager, module, info)
+        except EebenchError:
+            raise  # a name clash is the user's to resolve: it names both packages
+        except Exception as exc:  # a hook that raises must not take the CLI down either
+            _unregister(registry, manager, module, info)
+            _skip(registry, entry_point.name, package, "register", exc)
+            continue
         registry.plugins.append(info)
     for name, module in (extra_modules or {}).items():
         info = PluginInfo(entry_point=name, package=name, version="local")

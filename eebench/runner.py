@@ -96,8 +96,8 @@ class Runner:
         try:
             model = factory(bundle.num_classes, bundle.input_shape, **spec.params)
             return model.to(memory_format=torch.channels_last)
-        except (TypeError, ValueError) as exc:
-            raise EebenchError(f"{exc}", where=self.where, key=f"backbones[{i}].params") from exc
+        except (TypeError, ValueError, RuntimeError) as exc:  # timm raises RuntimeError for an unknown name
+            raise EebenchError(f"{exc}", where=self.where, key=f"backbones[{i}]") from exc
 
     def base(self, cell: Cell, splits: Splits) -> tuple[dict, BaseInfo, StageCosts]:
         payload = {
@@ -151,12 +151,13 @@ class Runner:
         strategy_factory = self.registry.get("exit_strategies", cell.method.name, where=self.where,
                                              key=f"methods[{m}].name")
         torch.manual_seed(cell.seed)
-        strategy = strategy_factory(backbone, context, **cell.method.params)
+        strategy = construct(strategy_factory, self.where, f"methods[{m}].params", backbone, context,
+                             **cell.method.params)
         for module in strategy.modules():
             module.to(self.device)
         b = self._index(self.suite.budgets, cell.budget)
-        budget = self.registry.get("budgets", cell.budget.name, where=self.where, key=f"budgets[{b}].name")(
-            **cell.budget.params)
+        budget = construct(self.registry.get("budgets", cell.budget.name, where=self.where, key=f"budgets[{b}].name"),
+                           self.where, f"budgets[{b}].params", **cell.budget.params)
         budget.bind(len(splits.train))
 
         tick = time.perf_counter()
@@ -299,6 +300,18 @@ def evaluate_operating_points(points: list[OperatingPoint], calibration: list[Ex
     return rows
 
 
+def construct(factory: Callable[..., Any], where: str, key: str, *args: Any, **params: Any) -> Any:
+    """Build a plugin object; a rejected parameter value becomes one line naming the suite key."""
+    try:
+        return factory(*args, **params)
+    except EebenchError as exc:
+        if exc.where:
+            raise
+        raise EebenchError(exc.detail, where=where, key=f"{key} ({exc.key})" if exc.key else key) from exc
+    except (TypeError, ValueError) as exc:
+        raise EebenchError(f"{exc}; expected valid parameter values", where=where, key=key) from exc
+
+
 def check_writable(run_dir: Path, key: str) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -323,7 +336,7 @@ def run_suite(suite: Suite, registry: Registry, *, suite_path: str, run_dir: Pat
     report = RunReport(run_dir)
     start = time.perf_counter()
     for index, cell in enumerate(cells, 1):
-        if finished(run_dir, cell.cell_id, cell.config_hash):
+        if finished(run_dir, cell.cell_id, cell.config_hash, str(device)):
             report.skipped.append(cell.cell_id)
             log(f"[{index}/{len(cells)}] {cell.cell_id}: already done, skipped")
             continue

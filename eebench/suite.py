@@ -197,8 +197,13 @@ def check_plugins(suite: Suite, registry: Registry, where: str) -> None:
             if default:
                 registry.get("calibrators", default, where=where, key=f"methods[{i}] (default calibrator)")
     for i, spec in enumerate(suite.budgets):
-        _check_params(registry.get("budgets", spec.name, where=where, key=f"budgets[{i}].name"),
-                      spec.params, 0, where, f"budgets[{i}].params")
+        factory = registry.get("budgets", spec.name, where=where, key=f"budgets[{i}].name")
+        _check_params(factory, spec.params, 0, where, f"budgets[{i}].params")
+        try:  # budgets are cheap to build: bad values (epochs: 0) fail here, before any training
+            factory(**spec.params)
+        except (TypeError, ValueError) as exc:
+            raise EebenchError(f"{exc}; expected valid parameter values", where=where,
+                               key=f"budgets[{i}].params") from exc
     labels = [m.display for m in suite.methods]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:

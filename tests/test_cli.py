@@ -67,6 +67,7 @@ def edited(**changes) -> dict:
         (edited(budgets__0__name="weeks"), "budgets[0].name", "unknown budget 'weeks'"),
         (edited(backbones__0__name="resnet7"), "backbones[0].name", "unknown backbone 'resnet7'"),
         (edited(methods__0__params={"pool_size": 2}), "methods[0].params", "expected parameters among"),
+        (edited(budgets__0__params={"epochs": 0}), "budgets[0].params", "epochs must be > 0"),
     ],
 )
 def test_malformed_suites_get_one_line_and_code_2(tmp_path, capsys, payload, key, expectation) -> None:
@@ -143,3 +144,41 @@ def test_interrupted_run_resumes_without_redoing_finished_cells(tmp_path) -> Non
     assert finished[0].stat().st_mtime_ns == first_written
     assert len(list(cells.glob("*.json"))) == 2
     assert (boards / "tiny.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "expectation"),
+    [
+        ({"methods": [{"name": "sdn", "params": {"lr": 0}}]}, "methods[0].params", "lr must be > 0"),
+        ({"backbones": [{"name": "timm:no_such_network", "recipe": {"epochs": 1}}]}, "backbones[0]",
+         "no_such_network"),
+    ],
+)
+def test_bad_parameter_values_found_at_run_time_are_one_line_and_code_2(tmp_path, capsys, changes, key,
+                                                                         expectation) -> None:
+    path = write_suite(tmp_path, {**TINY, **changes})
+    code, err = run_cli(["run", path, "--out", str(tmp_path / "run"), "--leaderboards", str(tmp_path / "b")], capsys)
+    line = one_line_error(err)
+    assert code == 2 and path in line and key in line and expectation in line, line
+
+
+def test_debug_after_the_subcommand_also_shows_the_traceback(tmp_path) -> None:
+    path = write_suite(tmp_path, edited(methods__0__name="no-such-method"))
+    from eebench.errors import EebenchError
+
+    for argv in (["validate", path, "--debug"], ["--debug", "run", path, "--out", str(tmp_path / "run")]):
+        with pytest.raises(EebenchError):
+            main(argv)
+
+
+def test_leaderboard_of_an_empty_run_directory(tmp_path, capsys) -> None:
+    (tmp_path / "run" / "cells").mkdir(parents=True)
+    code, err = run_cli(["leaderboard", str(tmp_path / "run"), "--leaderboards", str(tmp_path / "b")], capsys)
+    line = one_line_error(err)
+    assert code == 2 and "cells" in line and "expected JSON files" in line
+
+
+def test_unknown_device_is_one_line_and_code_2(tmp_path, capsys) -> None:
+    path = write_suite(tmp_path, TINY)
+    code, err = run_cli(["run", path, "--out", str(tmp_path / "run"), "--device", "tpu"], capsys)
+    assert code == 2 and "--device" in one_line_error(err)

@@ -60,3 +60,28 @@ def test_rerun_reuses_every_cell(smoke_run: Path, capsys) -> None:
                  "--leaderboards", str(smoke_run / "boards")])
     assert code == 0
     assert "0 cells run, 1 reused" in capsys.readouterr().out
+
+
+def test_a_stale_cell_of_an_edited_suite_is_not_averaged_in(smoke_run: Path, tmp_path: Path) -> None:
+    """A rerun after editing the suite leaves the old cell on disk; only the newest result per
+    (dataset, backbone, method, budget, seed) is shown, and `run` shows only its own cells."""
+    import os
+    import shutil
+
+    from eebench.results import load_results
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run / "run", run)
+    (current,) = sorted((run / "cells").glob("*.json"))
+    stale = json.loads(current.read_text())
+    stale["config_hash"] = "0" * 16
+    stale["accuracy_at"] = {k: (v and {**v, "accuracy": 0.0123}) for k, v in stale["accuracy_at"].items()}
+    stale_path = run / "cells" / "stale-cell.json"
+    stale_path.write_text(json.dumps(stale))
+    os.utime(stale_path, (1, 1))  # written long before the current cell
+    assert [r["config_hash"] for r in load_results(run)] == [json.loads(current.read_text())["config_hash"]]
+    assert [r["config_hash"] for r in load_results(run, {"stale-cell"})] == ["0" * 16]
+    assert main(["leaderboard", str(run), "--leaderboards", str(tmp_path / "boards")]) == 0
+    board = (tmp_path / "boards" / "smoke.md").read_text().splitlines()
+    (row,) = [line for line in board if line.startswith("| E²CM |")]  # one row, not one per result
+    assert "1.2%" not in row and "±" not in row

@@ -68,3 +68,57 @@ def test_plugins_command_prints_json(capsys: pytest.CaptureFixture) -> None:
     names = {n for p in builtin for ns in p["registered"].values() for n in ns}
     assert {"e2cm", "fashion-mnist", "resnet20", "epochs", "per-exit-bisection"} <= names
     assert all(p["version"] for p in payload["plugins"])
+
+
+def test_plugin_whose_hook_raises_is_skipped_without_leftovers(site: Path, capsys: pytest.CaptureFixture) -> None:
+    fake_distribution(site, "eebench-halfway", "eebench_test_halfway", """
+        from eebench import hookimpl
+
+        @hookimpl
+        def register_budgets(register):
+            register("halfway-budget", object)
+            raise RuntimeError("registration blew up")
+    """)
+    registry = load_registry()
+    assert any("eebench_test_halfway" in f and "registration blew up" in f for f in registry.failures)
+    assert "halfway-budget" not in registry.factories["budgets"]  # nothing of it stays registered
+    assert "eebench-halfway" not in {p.package for p in registry.plugins}
+    assert "epochs" in registry.factories["budgets"]
+    assert capsys.readouterr().err.count("eebench_test_halfway") == 1
+
+
+def test_two_packages_may_share_an_entry_point_name(site: Path) -> None:
+    """A third party naming its entry point like a built-in one ('e2cm') loads side by side with it."""
+    info = site / "eebench_samename-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: eebench-samename\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[eebench]\ne2cm = eebench_test_samename\n")
+    (site / "eebench_test_samename.py").write_text(textwrap.dedent("""
+        from eebench import hookimpl
+
+        @hookimpl
+        def register_budgets(register):
+            register("samename-budget", object)
+    """))
+    registry = load_registry()
+    assert registry.owners["budgets"]["samename-budget"] == "eebench-samename"
+    assert registry.owners["exit_strategies"]["e2cm"] == "eebench"
+
+
+def test_duplicate_name_through_the_cli_is_one_line_and_code_2(site: Path, capsys: pytest.CaptureFixture) -> None:
+    from eebench.plugins import default_registry
+
+    fake_distribution(site, "eebench-dupe2", "eebench_test_dupe2", """
+        from eebench import hookimpl
+
+        @hookimpl
+        def register_budgets(register):
+            register("epochs", object)
+    """)
+    default_registry.cache_clear()
+    try:
+        assert main(["plugins"]) == 2
+    finally:
+        default_registry.cache_clear()
+    err = capsys.readouterr().err
+    assert err.count("eebench: error") == 1 and "'eebench-dupe2'" in err and "Traceback" not in err
