@@ -7,8 +7,11 @@ consistent with the paper's formulation, not a reproduction of reference code.
 
 Exits. The exit classifiers are SDN's internal classifiers at SDN's positions
 (``place_ics``: first exit points at 15..90 % of the backbone's MACs), trained IC-only on
-the frozen backbone through the shared cached activations, exactly as ``sdn`` trains them
-(``SDN._train_ics``: Adam, summed CE). The backbone's own head is the final exit.
+the frozen backbone through the shared cached activations with SDN's optimiser (Adam,
+``lr``, ``weight_decay``, CE). By default (``schedule: per-exit``) IC j is trained in the
+phase of its own decision function (see Budget); ``schedule: ics-first`` trains all ICs
+first, exactly as ``sdn`` does (``SDN._train_ics``: summed CE). The backbone's own head is
+the final exit.
 
 Decision functions. One policy γ_j per IC exit j: a logistic regression on the K+2 values
 
@@ -29,8 +32,9 @@ already trained and fixed:
 - label "exit" iff E_j < V_{j+1}, weight |E_j − V_{j+1}| (``wbc_targets``; zero-weight
   samples contribute nothing), weighted binary cross-entropy, Adam (``policy_lr``);
 - V_j = E_j where the trained γ_j exits, else V_{j+1} (``continue_value``).
-V is computed per budgeted batch from the cached activations (the frozen ICs and the fixed
-downstream policies re-run on the batch), so no sample outside the budget is used.
+V is computed per budgeted batch from the cached activations (the downstream ICs and
+policies, already trained and fixed, re-run on the batch), so no sample outside the budget
+is used.
 
 λ sweep. ``lambdas`` (default 25 values log-spaced in [1e-4, 10], as a fraction of the full
 cost) are trained TOGETHER: each exit holds a weight tensor [Λ, K+2] and a bias [Λ], and
@@ -41,16 +45,25 @@ softmax at the final exit (it always exits), ``strict = True``. The default cali
 variant and the harness keeps one hull over all variants on the calibration split: the
 spec's "λ sweep plus decision-threshold shifts".
 
-Budget. One budget iterator (batches of cached-sample indices, as SDN) is shared by J+1
-consecutive phases: the ICs, then policy J-1, ..., policy 0. With a planned budget
-(``budget.planned_samples``: epochs, samples) each phase gets an equal share of it (the
-first ``planned % (J+1)`` phases one sample more); a batch crossing a phase boundary is
-split, so the shares are exact. Under ``epochs: 6`` with 6 ICs that is 6/7 epoch per phase
-(the issue's "one epoch per decision function as in the paper" would need J+1 epochs: here
-the ICs share the budget too). Without a plan (a seconds budget) each phase gets one epoch
-of the training split, in order, until the budget is exhausted; phases it does not reach
-stay untrained (a policy left at zero never exits at 0.5; the calibrator may still turn it
-on or off wholesale).
+Budget. One budget iterator (batches of cached-sample indices, as SDN) is shared by
+consecutive phases. ``schedule: per-exit`` (default): J phases, one per decision function,
+backwards j = J-1 .. 0; in phase j every batch first takes one CE step on IC j (its own Adam
+over that IC's parameters, ``lr``/``weight_decay``; IC j in train mode for that step only),
+then the policy inputs and 0/1 losses are computed with the updated IC (eval mode) and γ_j
+takes its WBC step on the same batch. The ICs and policies downstream of j were trained in
+earlier phases and stay fixed, so the backward recursion is exact; the ICs ride along at no
+extra sample cost (each budgeted sample is spent once). Under ``epochs: 6`` with 6 ICs that
+is one epoch per decision function, the paper's 6 separate epochs (no deviation), with each
+IC getting that one epoch too (SDN's ICs get six). ``schedule: ics-first``: J+1 phases, all ICs first
+(``SDN._train_ics``), then policy J-1, ..., policy 0 with the ICs frozen (6/7 epoch each
+under ``epochs: 6``). With a planned budget (``budget.planned_samples``: epochs, samples)
+each phase gets an equal share of it (the first ``planned % phases`` phases one sample
+more); a batch crossing a phase boundary is split, so the shares are exact. An IC's lr drops
+×0.1 after 60 % of its phase's share when that share is over one epoch (SDN's rule, applied
+per phase). Without a plan (a seconds budget) each phase gets one epoch of the training
+split, in order, until the budget is exhausted; phases it does not reach stay untrained (a
+policy left at zero never exits at 0.5; the calibrator may still turn it on or off
+wholesale).
 
 Costs (MACs at batch 1). Exit j pays the backbone through its stage + its IC
 (``InternalClassifier.macs``) + its policy:
@@ -59,7 +72,8 @@ Costs (MACs at batch 1). Exit j pays the backbone through its stage + its IC
 
 cumulatively over the exits evaluated so far; the final exit is the plain backbone with no
 overhead of its own. Spend: the shared activation pass as SDN (``extra_forward_samples``
-= training size, N × backbone MACs); IC phase as SDN (3 × Σ IC MACs per sample); policy
+= training size, N × backbone MACs); IC training as SDN, 3 × IC MACs per sample and IC
+trained (per-exit: 3 × IC j in phase j; ics-first: 3 × Σ IC MACs in the IC phase); policy
 phase j per sample: the ICs j..J-1 and their policy features, the Λ downstream policies,
 and 3 × Λ × (K+2) for the trained policy (forward + a backward taken as twice it).
 """
@@ -86,9 +100,10 @@ from eebench.api import (
     softmax_macs,
 )
 from eebench_plugins.internal_classifiers import ic_reducer
-from eebench_plugins.sdn import REDUCER_KEY, SDN, SDN_FRACTIONS, index_dataset
+from eebench_plugins.sdn import LR_DROP_AT, LR_DROP_FACTOR, REDUCER_KEY, SDN, SDN_FRACTIONS, index_dataset
 
 DEFAULT_LAMBDAS = tuple(float(v) for v in torch.logspace(-4, 1, 25, dtype=torch.float64))
+SCHEDULES = ("per-exit", "ics-first")
 
 
 def policy_inputs(logits: torch.Tensor) -> torch.Tensor:
@@ -200,7 +215,7 @@ class PhasedBatches:
 
 
 class _PhaseBudget:
-    """The budget as ``SDN._train_ics`` sees it during the IC phase: that phase's batches,
+    """The budget as ``SDN._train_ics`` sees it during the ics-first IC phase: that phase's batches,
     its share as the plan (for the lr drop), the real budget's spend and clock."""
 
     def __init__(self, budget: Budget, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
@@ -229,9 +244,11 @@ class BWDS(SDN):
         "BWDS [spec §4.1 proposal, no public code]: SDN ICs (IC-only, cached un-augmented activations) + one "
         "logistic-regression policy per IC on sorted softmax/entropy/max-prob, trained backwards (last IC first) "
         "as weighted binary classification; 25 λ in [1e-4, 10] as rule variants, per-exit threshold shifts, "
-        "one calibration hull. Budget split equally over the ICs and the J policies (J+1 phases: epochs: 6 with "
-        "6 ICs = 6/7 epoch each, not one epoch per decision function as in the paper); seconds budgets: one "
-        "epoch per phase until spent."
+        "one calibration hull. Budget split equally over the J decision functions, trained backwards, IC j "
+        "trained together with its policy on the same batches (schedule: per-exit): epochs: 6 with 6 ICs = "
+        "one epoch per decision function, a deviation-free match of the paper's 6 epochs for the decision "
+        "functions, with one epoch per IC (SDN's ICs get six); seconds budgets: one epoch per phase until "
+        "spent. schedule: ics-first = ICs first, then the policies (J+1 equal phases)."
     )
 
     def __init__(
@@ -243,6 +260,7 @@ class BWDS(SDN):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         policy_lr: float = 1e-2,
+        schedule: str = "per-exit",
     ) -> None:
         super().__init__(backbone, context, fractions, lr, weight_decay, "final", False)
         values = [float(v) for v in lambdas]
@@ -251,10 +269,14 @@ class BWDS(SDN):
                                key="bwds.lambdas")
         if policy_lr <= 0:
             raise EebenchError(f"policy_lr must be > 0, got {policy_lr}", key="bwds.policy_lr")
+        if schedule not in SCHEDULES:
+            raise EebenchError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}",
+                               key="bwds.schedule")
+        self.schedule = schedule
         self.lambdas = torch.tensor(values, dtype=torch.float64)
         self.policy_lr = float(policy_lr)
         self.policies = DecisionFunctions(len(self.ic_stages), len(values), context.num_classes).to(context.device)
-        self.phase_log: list[tuple[str, int]] = []
+        self.phase_log: list[tuple[str, int]] = []  # (phase name, samples it received), in order
 
     # -- the contract -------------------------------------------------------------------
 
@@ -295,16 +317,23 @@ class BWDS(SDN):
         budget.spend.training_macs += len(activations) * ctx.stage_costs.total
         features = [activations.features[s] for s in self.ic_stages]
         labels, head_logits = activations.labels, activations.logits
-        shares = phase_shares(budget.planned_samples, len(labels), len(self.ic_stages) + 1)
+        exits = len(self.ic_stages)
+        per_exit = self.schedule == "per-exit"
+        planned = budget.planned_samples is not None
+        shares = phase_shares(budget.planned_samples, len(labels), exits if per_exit else exits + 1)
         stream = PhasedBatches(budget.batches(index_dataset(labels), ctx.train_batch_size, device="cpu",
                                               seed=ctx.seed, description="bwds"))
         self.phase_log = stream.log
         try:
-            ic_share = shares[0] if budget.planned_samples is not None else None
-            self._train_ics(features, labels, _PhaseBudget(budget, stream.take(shares[0], "ics"), ic_share))
-            for j in range(len(self.ic_stages) - 1, -1, -1):  # backwards: the last IC's policy first
-                self._train_policy(j, stream.take(shares[len(self.ic_stages) - j], f"policy{j}"),
-                                   features, head_logits, labels, budget)
+            if not per_exit:  # ics-first: every IC first, as SDN, then the policies with the ICs frozen
+                ic_share, shares = shares[0], shares[1:]
+                self._train_ics(features, labels,
+                                _PhaseBudget(budget, stream.take(ic_share, "ics"), ic_share if planned else None))
+            for j in range(exits - 1, -1, -1):  # backwards: the last IC's policy first
+                share = shares[exits - 1 - j]
+                name = f"ic{j}+policy{j}" if per_exit else f"policy{j}"
+                self._train_policy(j, stream.take(share, name), features, head_logits, labels, budget,
+                                   train_ic=per_exit, ic_share=share if planned else None)
         finally:
             stream.close()
             budget.spend.seconds = budget.elapsed()
@@ -312,8 +341,13 @@ class BWDS(SDN):
 
     def _train_policy(self, j: int, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
                       features: list[torch.Tensor], head_logits: torch.Tensor, labels: torch.Tensor,
-                      budget: Budget) -> None:
-        """Weighted BCE for every λ's γ_j at once, the downstream policies fixed."""
+                      budget: Budget, train_ic: bool = False, ic_share: int | None = None) -> None:
+        """Weighted BCE for every λ's γ_j at once, the downstream ICs and policies fixed.
+
+        With ``train_ic`` (schedule per-exit) each batch first takes one CE step on IC j, and
+        γ_j's inputs and targets come from the updated IC. ``ic_share``: the phase's planned
+        samples (None without a plan), for the IC's lr drop.
+        """
         ctx = self.context
         self.ics.eval()
         policy = self.policies
@@ -321,8 +355,26 @@ class BWDS(SDN):
         costs = self.exit_costs().normalised()
         lambdas = self.lambdas.to(ctx.device)
         per_sample = self._policy_phase_macs(j)
-        for x, _ in batches:
+        ic = self.ics[j]
+        ic_optimizer, drop_at, seen = None, _phase_lr_drop(ic_share, len(labels)), 0
+        if train_ic:  # the IC rides along: one CE step per batch, 3 × its MACs per sample (as SDN)
+            ic_optimizer = torch.optim.Adam(ic.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            per_sample += 3.0 * self.ic_macs()[j]
+        for x, y in batches:
             rows = x.view(-1).long()
+            if ic_optimizer is not None:
+                ic.train()
+                ic_loss = F.cross_entropy(ic.forward_pooled(features[j][rows].to(ctx.device).float()),
+                                          y.to(ctx.device))
+                ic_optimizer.zero_grad(set_to_none=True)
+                ic_loss.backward()
+                ic_optimizer.step()
+                ic.eval()
+                seen += int(rows.numel())
+                if drop_at is not None and seen >= drop_at:
+                    for group in ic_optimizer.param_groups:
+                        group["lr"] = self.lr * LR_DROP_FACTOR
+                    drop_at = None
             inputs, losses = self.decision_inputs(rows, features, head_logits, labels, start=j)
             with torch.no_grad():
                 later = self.downstream_exits(inputs[1:], start=j + 1)
@@ -365,6 +417,13 @@ class BWDS(SDN):
         features = policy_macs(k) - (k + 2)
         ics = math.fsum(ic.macs() + features for ic in list(self.ics)[j:])
         return ics + variants * (k + 2) * (exits - 1 - j) + 3.0 * variants * (k + 2)
+
+
+def _phase_lr_drop(share: int | None, train_size: int) -> float | None:
+    """Samples into a phase after which its IC's lr drops: 60 % of a share over one epoch."""
+    if share is None or share <= train_size:
+        return None
+    return LR_DROP_AT * share
 
 
 def phase_shares(planned: int | None, train_size: int, phases: int) -> list[int]:

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from eebench.api import EebenchError
 from eebench.calibration import build_curve
 from eebench.costs import StageCosts
 from eebench.strategy import MethodContext
@@ -24,7 +25,15 @@ from eebench_plugins.bwds import (
 from eebench_plugins.calibrators import PerExitBisection
 from eebench_plugins.internal_classifiers import ic_reducer
 
-EPOCHS = 35  # 7 phases (the ICs, then the 6 policies) of 5 epochs of the 200 samples each
+EPOCHS = 30  # 6 phases (one per decision function, its IC trained alongside) of 5 epochs of the 200 samples
+
+
+def ic_state(strategy: BWDS) -> list[list[torch.Tensor]]:
+    return [[p.detach().clone() for p in ic.parameters()] for ic in strategy.ics]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def make_context(model, bundle) -> MethodContext:
@@ -98,15 +107,19 @@ def test_policies_train_backwards_and_values_propagate(trained_resnet20, small_f
         order.append(j)
         trained = [k for k in range(len(self.ic_stages)) if self.policies.weight[k].abs().sum() > 0]
         assert all(k > j for k in trained)  # every policy already trained lies downstream of j
+        # per-exit: the ICs trained so far are exactly the downstream ones; IC j is still at its init
+        moved = [k for k, (now, init) in enumerate(zip(ic_state(self), initial, strict=True)) if not same(now, init)]
+        assert moved == list(range(j + 1, len(self.ic_stages)))
         return original(self, j, *args, **kwargs)
 
     monkeypatch.setattr(BWDS, "_train_policy", recording)
     strategy = BWDS(model, make_context(model, bundle))
+    initial = ic_state(strategy)
     budget = SamplesBudget(700)
     budget.bind(len(train))
     strategy.fit(train, budget)
     assert order == [5, 4, 3, 2, 1, 0]
-    assert [name for name, _ in strategy.phase_log] == ["ics"] + [f"policy{j}" for j in order]
+    assert [name for name, _ in strategy.phase_log] == [f"ic{j}+policy{j}" for j in order]
 
     # V_{j+1} is E at the first downstream exit whose (trained) policy exits, else E at the final exit
     trained, *_ = fitted
@@ -129,10 +142,14 @@ def test_policies_train_backwards_and_values_propagate(trained_resnet20, small_f
     assert early > 0 and at_final > 0  # both branches were exercised
 
 
-def test_budget_is_split_equally_over_the_phases(trained_resnet20, small_fmnist, monkeypatch) -> None:
+def test_budget_gives_each_decision_function_its_phase_and_trains_its_ic_there(
+        trained_resnet20, small_fmnist, monkeypatch) -> None:
     bundle, train, _ = small_fmnist
     model = copy.deepcopy(trained_resnet20)
     strategy = BWDS(model, make_context(model, bundle))
+    assert strategy.schedule == "per-exit"
+    num_ics = len(strategy.ic_stages)
+    assert num_ics == 6
     budget = SamplesBudget(500)
     budget.bind(len(train))
     handed_out: list[int] = []
@@ -144,6 +161,66 @@ def test_budget_is_split_equally_over_the_phases(trained_resnet20, small_fmnist,
             yield x, y
 
     monkeypatch.setattr(budget, "batches", counting)
+    ic_rows: list[int] = []  # samples IC 0 was trained on (its forward with gradients, in train mode)
+    first = strategy.ics[0]
+    forward = first.forward_pooled
+    monkeypatch.setattr(first, "forward_pooled",
+                        lambda pair, extra=None: (torch.is_grad_enabled() and first.training
+                                                  and ic_rows.append(len(pair))) or forward(pair, extra))
+    policy_rows: dict[int, int] = {}
+    inputs = strategy.decision_inputs
+
+    def recording(rows, *args, start=0, **kwargs):
+        assert not any(ic.training for ic in strategy.ics)  # policy inputs come from ICs in eval mode
+        policy_rows[start] = policy_rows.get(start, 0) + int(rows.numel())
+        return inputs(rows, *args, start=start, **kwargs)
+
+    monkeypatch.setattr(strategy, "decision_inputs", recording)
+    changed: dict[int, list[int]] = {}  # phase j -> the ICs whose weights moved during it
+    train_policy = strategy._train_policy
+
+    def phase(j, *args, **kwargs):
+        before = ic_state(strategy)
+        train_policy(j, *args, **kwargs)
+        changed[j] = [k for k, (a, b) in enumerate(zip(before, ic_state(strategy), strict=True)) if not same(a, b)]
+
+    monkeypatch.setattr(strategy, "_train_policy", phase)
+    strategy.fit(train, budget)
+    shares = phase_shares(500, len(train), num_ics)
+    assert shares == [84, 84, 83, 83, 83, 83]
+    assert sum(handed_out) == 500 == budget.spend.samples
+    assert strategy.phase_log == [(f"ic{j}+policy{j}", n) for j, n in zip(range(5, -1, -1), shares, strict=True)]
+    assert [policy_rows[j] for j in range(5, -1, -1)] == shares  # each policy gets planned / J samples
+    assert sum(ic_rows) == shares[-1]  # IC 0 trained on exactly its policy's phase, the last one
+    assert changed == {j: [j] for j in range(num_ics)}  # IC j trained in phase j, and only there
+    assert budget.spend.extra_forward_samples == len(train)
+    expected_macs = len(train) * strategy.context.stage_costs.total + sum(
+        n * (strategy._policy_phase_macs(j) + 3.0 * strategy.ic_macs()[j])
+        for j, n in zip(range(5, -1, -1), shares, strict=True))
+    assert budget.spend.training_macs == pytest.approx(expected_macs)
+
+    # under epochs: J (the paper's 6 epochs for 6 exits) that is one epoch per decision function
+    epochs = BWDS(copy.deepcopy(trained_resnet20), make_context(model, bundle))
+    six = EpochsBudget(num_ics)
+    six.bind(len(train))
+    epochs.fit(train, six)
+    assert [n for _, n in epochs.phase_log] == [len(train)] * num_ics and six.spend.samples == num_ics * len(train)
+
+    # no plan (a seconds budget): one epoch of the training split per phase, in order
+    seconds = BWDS(copy.deepcopy(trained_resnet20), make_context(model, bundle))
+    clock = SecondsBudget(60)
+    clock.bind(len(train))
+    seconds.fit(train, clock)
+    assert [n for _, n in seconds.phase_log] == [len(train)] * 6 and clock.spend.samples == 6 * len(train)
+
+
+def test_ics_first_schedule_keeps_the_equal_split_over_ics_and_policies(
+        trained_resnet20, small_fmnist, monkeypatch) -> None:
+    bundle, train, _ = small_fmnist
+    model = copy.deepcopy(trained_resnet20)
+    strategy = BWDS(model, make_context(model, bundle), schedule="ics-first")
+    budget = SamplesBudget(500)
+    budget.bind(len(train))
     ic_rows: list[int] = []  # samples the ICs were trained on (the IC forward with gradients)
     first = strategy.ics[0]
     forward = first.forward_pooled
@@ -158,21 +235,27 @@ def test_budget_is_split_equally_over_the_phases(trained_resnet20, small_fmnist,
         return inputs(rows, *args, start=start, **kwargs)
 
     monkeypatch.setattr(strategy, "decision_inputs", recording)
+    frozen: list[bool] = []
+    train_policy = strategy._train_policy
+
+    def phase(j, *args, **kwargs):
+        before = ic_state(strategy)
+        train_policy(j, *args, **kwargs)
+        frozen.append(all(same(a, b) for a, b in zip(before, ic_state(strategy), strict=True)))
+
+    monkeypatch.setattr(strategy, "_train_policy", phase)
     strategy.fit(train, budget)
     shares = phase_shares(500, len(train), 7)
     assert shares == [72, 72, 72, 71, 71, 71, 71]
-    assert sum(handed_out) == 500 == budget.spend.samples
-    assert [n for _, n in strategy.phase_log] == shares
+    assert budget.spend.samples == 500
+    assert strategy.phase_log == list(zip(["ics"] + [f"policy{j}" for j in range(5, -1, -1)], shares, strict=True))
     assert sum(ic_rows) == shares[0]
     assert [policy_rows[j] for j in range(5, -1, -1)] == shares[1:]
-    assert budget.spend.extra_forward_samples == len(train)
+    assert frozen == [True] * 6  # the ICs do not move in the policy phases
 
-    # no plan (a seconds budget): one epoch of the training split per phase, in order
-    seconds = BWDS(copy.deepcopy(trained_resnet20), make_context(model, bundle))
-    clock = SecondsBudget(60)
-    clock.bind(len(train))
-    seconds.fit(train, clock)
-    assert [n for _, n in seconds.phase_log] == [len(train)] * 7 and clock.spend.samples == 7 * len(train)
+    with pytest.raises(EebenchError, match="schedule must be one of") as error:
+        BWDS(copy.deepcopy(trained_resnet20), make_context(model, bundle), schedule="joint")
+    assert error.value.key == "bwds.schedule"
 
 
 def test_outputs_costs_and_variants(fitted, small_fmnist) -> None:
