@@ -10,19 +10,25 @@ with w_i = 1/(N − i + 1) for 0-based exit i of N (1/(N+1) first, 1/2 last) and
 
 Inference (the reference ``LargeN``) keeps a per-sample set of alive classes: at exit i
 with sigmoid scores s, the current top class is made alive again (recovery), then a
-class stays alive only when s > β_i · max(s); a sample leaves as soon as one class is
-left. If none fires, the final classifier decides among the alive classes (excluded
-logits masked with −inf, identically in search and test — the reference masks with 0 in
-search and not at all in test). Everything is vectorised over samples and β vectors with
-recovery per row (the reference's batched search broadcasts the recovery over all rows).
+class stays alive only when s > β_i · max(s) or it is that top class; a sample leaves as
+soon as one class is left. The top class always survives, so the alive set is never
+empty: the reference's rule alone keeps it only for β < 1 (at β = 1 it empties the set
+and the final argmax over all −inf returns class 0); here β = 1 (or more, clamped to 1)
+keeps the top class alone, so every sample leaves at that exit with it. If none fires,
+the final classifier decides among the alive classes (excluded logits masked with −inf,
+identically in search and test — the reference masks with 0 in search and not at all in
+test). Everything is vectorised over samples and β vectors with recovery per row (the
+reference's batched search broadcasts the recovery over all rows).
 
 β search (the reference ``_large_n_search``): on the calibration split, goal = accuracy
 without exclusion − ``tolerance``; exits are visited in descending MACs of the segment
-before them; each β_i rises from 0.01 in 0.01 steps while accuracy stays above the goal,
-then backs off two steps (clamped to [0.01, 0.99]); earlier exits keep their β. One β
-vector per tolerance in ``tolerances`` gives the curve (a harness addition; the paper
-reports one tolerance). An exit whose β is 0 never excludes anything, so it is switched
-off (not evaluated, not paid).
+before them (backbone MACs from the previous exit to this one, the first from the input);
+each β_i rises from 0.01 in 0.01 steps up to 0.99 while accuracy stays above the goal;
+at the first level L that fails, β_i = L − 2·step clamped to [0.01, 0.99]; when no level
+up to 0.99 fails, β_i = 0.99. Earlier exits keep their β. One β vector per tolerance in
+``tolerances`` gives the curve (a harness addition; the paper reports one tolerance). An
+exit whose β is 0 never excludes anything, so it is switched off (not evaluated, not
+paid).
 
 Deviations, in ``notes``: the backbone starts from the cached base network and trains
 for the suite's budget (``from_scratch: true`` starts from initialisation), with SGD
@@ -56,6 +62,7 @@ from eebench.api import (
     iterate_batches,
 )
 
+MAX_BETA = 0.99  # the β search's highest level and upper clamp
 DEFAULT_TOLERANCES = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5)
 
 
@@ -79,12 +86,14 @@ class ExclusionHead(nn.Module):
         return float(pooling + self.linear.in_features * self.linear.out_features)
 
 
-def exclusion_outcome(scores: torch.Tensor, final_logits: torch.Tensor,
-                      betas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def exclusion_outcome(scores: torch.Tensor, final_logits: torch.Tensor, betas: torch.Tensor,
+                      with_alive: bool = False) -> tuple[torch.Tensor, ...]:
     """First exit and prediction of every sample under each β vector.
 
     scores: [J, N, K] sigmoid outputs of the J exclusion heads; final_logits: [N, K];
-    betas: [V, J] (+inf or 0 = exit off). Returns ([V, N] exit index, J = final; [V, N] class).
+    betas: [V, J] (+inf or 0 = exit off; β ≥ 1 keeps only the top class).
+    Returns ([V, N] exit index, J = final; [V, N] class), plus the [V, N, K] alive sets
+    at the end (at the exit taken, or after the last exit) when ``with_alive``.
     """
     num_heads, num_samples, k = scores.shape
     vectors = betas.shape[0]
@@ -103,6 +112,7 @@ def exclusion_outcome(scores: torch.Tensor, final_logits: torch.Tensor,
         recovered = alive.clone()
         recovered[:, rows, top] = True  # per row: each sample's own top class
         keep = s[None] > beta.clamp(max=1.0)[:, None, None] * top_value[None, :, None]
+        keep[:, rows, top] = True  # the top class survives even at β = 1: never an empty set
         updated = recovered & keep
         apply = (active & on[:, None])[:, :, None]
         alive = torch.where(apply, updated, alive)
@@ -112,7 +122,7 @@ def exclusion_outcome(scores: torch.Tensor, final_logits: torch.Tensor,
         active &= ~leaving
     masked = final_logits[None].masked_fill(~alive, float("-inf"))
     pred = torch.where(active, masked.argmax(2), pred)
-    return first, pred
+    return (first, pred, alive) if with_alive else (first, pred)
 
 
 class ClassExclusionTrace(ExitTrace):
@@ -142,8 +152,10 @@ class ClassExclusion(ExitStrategy):
     notes = (
         "Class exclusion: backbone + exclusion heads trained jointly from the cached base network under the "
         "budget (SGD lr 0.02, cosine decay; the paper trains 200 epochs from scratch), heads at every exit point "
-        "but the last stage; β search per the paper (0.01 steps, exits by preceding-segment MACs) for a sweep "
-        "of accuracy tolerances; excluded final logits masked with −inf in search and test."
+        "but the last stage; β search per the paper (0.01 steps up to 0.99, back off two steps, exits by "
+        "preceding-segment MACs) for a sweep of accuracy tolerances; the top class always survives exclusion "
+        "(even at β = 1, where the reference empties the set); excluded final logits masked with −inf in "
+        "search and test."
     )
 
     def __init__(
@@ -271,17 +283,21 @@ def search_betas(trace: ClassExclusionTrace, order: Sequence[int], tolerance: fl
                  step: float = 0.01, batch: int = 10) -> torch.Tensor:
     """The reference's greedy β search for one accuracy tolerance; returns [J] β.
 
-    Each exit's candidate βs (0.01 .. 1.00) are evaluated ``batch`` at a time, in climbing
-    order; the first one whose accuracy is no longer above the goal stops the climb, then
-    β backs off two steps.
+    For each exit in ``order`` (earlier exits keep their β, later ones sit at 0), the
+    candidate βs step, 2·step, … up to 0.99 are evaluated ``batch`` at a time in climbing
+    order; the first level L whose accuracy is no longer above the goal stops the climb
+    and β = L − 2·step, clamped to [step, 0.99]; if no level fails, β = 0.99. Levels stop
+    at 0.99: β = 1 would leave only the top class at that exit.
     """
     num_heads = trace.exclusion_scores.shape[0]
     betas = torch.zeros(num_heads, dtype=torch.float64)
     start = float(trace.outcome(betas[None])[1].double().mean())
     goal = start - tolerance
-    levels = torch.arange(1, int(round(1 / step)) + 1, dtype=torch.float64) * step  # 0.01 .. 1.00
+    count = int(math.floor(MAX_BETA / step + 1e-9))
+    levels = torch.tensor([min(round(k * step, 12), MAX_BETA) for k in range(1, count + 1)],
+                          dtype=torch.float64)  # 0.01 .. 0.99
     for exit_index in order:
-        stop = float(levels[-1]) + step  # never failing: the climb ends past 1.0
+        beta = MAX_BETA  # never failing: the climb ran through 0.99
         for start_level in range(0, levels.numel(), batch):
             chunk = levels[start_level : start_level + batch]
             candidates = betas.repeat(chunk.numel(), 1)
@@ -289,9 +305,17 @@ def search_betas(trace: ClassExclusionTrace, order: Sequence[int], tolerance: fl
             failing = (trace.outcome(candidates)[1].double().mean(1) <= goal).nonzero()
             if failing.numel():
                 stop = float(chunk[int(failing[0])])
+                beta = min(max(round(stop - 2 * step, 12), step), MAX_BETA)
                 break
-        betas[exit_index] = min(max(stop - 2 * step, step), 0.99)
+        betas[exit_index] = beta
     return betas
+
+
+def search_order(costs: ExitCosts) -> list[int]:
+    """Exclusion exits by the MACs of the backbone segment before each, descending (ties: earlier first)."""
+    reach = costs.backbone_macs[:-1].double()
+    segments = reach - torch.cat([reach.new_zeros(1), reach[:-1]])
+    return sorted(range(segments.numel()), key=lambda j: -float(segments[j]))
 
 
 class ClassExclusionSearch(Calibrator):
@@ -299,16 +323,15 @@ class ClassExclusionSearch(Calibrator):
 
     def __init__(self, tolerances: Sequence[float] = DEFAULT_TOLERANCES, step: float = 0.01,
                  order: Sequence[int] | None = None) -> None:
-        if not tolerances or any(t < 0 for t in tolerances) or not 0 < step < 1:
-            raise ValueError("tolerances must be a non-empty list of values >= 0 and 0 < step < 1")
+        if not tolerances or any(t < 0 for t in tolerances) or not 0 < step <= MAX_BETA:
+            raise ValueError(f"tolerances must be a non-empty list of values >= 0 and 0 < step <= {MAX_BETA}")
         self.tolerances, self.step = [float(t) for t in tolerances], float(step)
         self.order = list(order) if order is not None else None
 
     def thresholds(self, trace: ExitTrace, costs: ExitCosts, generator: torch.Generator) -> torch.Tensor:
         if not isinstance(trace, ClassExclusionTrace):
             raise ValueError("class-exclusion-search calibrates only the class-exclusion method")
-        segments = costs.backbone_macs[:-1] - torch.cat([costs.backbone_macs.new_zeros(1), costs.backbone_macs[:-2]])
-        order = self.order or sorted(range(segments.numel()), key=lambda j: -float(segments[j]))
+        order = self.order if self.order else search_order(costs)
         vectors = torch.stack([search_betas(trace, order, t, self.step) for t in self.tolerances])
         return torch.where(vectors > 0, vectors, torch.full_like(vectors, float("inf")))  # β = 0: exit off
 

@@ -14,19 +14,24 @@ so an exit never happens where either party says continue. The bracketed clause 
 both). Requiring the same class vetoes the ~20 % of samples on which the two disagree at
 every IC, which keeps the cheapest reachable cost well above SDN's; by default both rules
 are rule variants and the calibration hull picks per cost. Thresholds for the pair are
-calibrated jointly on the calibration split: T_cm comes from a grid (``grid`` levels of
-per-stage quantiles of the training split's E²CM confidence, level 0 = E²CM never vetoes
-on confidence) and, for each rule and grid level, the per-exit (or shared) search sets
-T_ic; the harness keeps one hull over all of them (rule variants).
+calibrated jointly on the calibration split: T_cm comes from a grid of ``grid`` levels —
+level 0 is −inf (E²CM never vetoes on confidence, whatever the sample), level g > 0 the
+g/grid quantile of the training split's E²CM confidence at that stage — and, for each
+rule and grid level, the per-exit (or shared) search sets T_ic; the harness keeps one
+hull over all of them (rule variants).
 
 Spend: the shared activation pass, plus two statistics passes (class means, then eq. 4
 divisors and the training distances), all recorded in ``extra_forward_samples``; the
-budget pays for IC training only. Exit j costs the backbone through its stage + the IC +
-the distances K·(3D−1) (+ max-pooling when the features are pooled), as E²CM counts them.
+budget pays for IC training only. ``seconds`` = IC training (the budget's clock) + the
+two statistics passes (timed separately, as they run before the budget's clock starts;
+kept in ``statistics_seconds``); the shared activation pass is not timed, as in SDN.
+Exit j costs the backbone through its stage + the IC + the distances K·(3D−1) (+
+max-pooling when the features are pooled), as E²CM counts them.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +47,18 @@ from eebench_plugins.sdn import REDUCER_KEY, SDN, SDN_FRACTIONS
 AGREEMENT_RULES = ("same-class", "confidence")
 
 
+def cm_threshold_grid(distances: Sequence[torch.Tensor], grid: int) -> torch.Tensor:
+    """[grid, ICs] T_cm: level 0 = −inf (never vetoes, whatever the confidence), level g the
+    g/grid quantile of the E²CM max-softmax confidence of the training distances at each IC
+    (one ulp below it, so that under the strict ``>`` a confidence equal to it passes)."""
+    confidence = [torch.softmax(-d.double(), dim=1).max(1).values for d in distances]
+    levels = torch.arange(grid, dtype=torch.float64) / grid
+    quantiles = torch.stack([torch.quantile(c, levels) for c in confidence], dim=1)
+    thresholds = torch.nextafter(quantiles, torch.full_like(quantiles, float("-inf")))
+    thresholds[0] = float("-inf")
+    return thresholds
+
+
 class E2CMSDN(SDN):
     """SDN ICs fed with class-mean distances, exiting only when E²CM agrees."""
 
@@ -50,8 +67,9 @@ class E2CMSDN(SDN):
     notes = (
         "E²CM+SDN: SDN ICs whose input adds the K normalised class-mean distances; exit only when the IC "
         "(≥ T_ic) and E²CM (> T_cm) agree, with and without also requiring the same class (two rule variants); "
-        "T_cm from a grid of training-split confidence quantiles, T_ic searched per rule and grid level, one "
-        "calibration hull over all."
+        "T_cm from a grid (level 0 = −inf, never vetoes; then training-split confidence quantiles), T_ic searched "
+        "per rule and grid level, one calibration hull over all; seconds include the two class-mean statistics "
+        "passes."
     )
 
     def __init__(
@@ -82,6 +100,7 @@ class E2CMSDN(SDN):
         ).to(context.device)
         # [grid, ICs]: E²CM's threshold at each IC for each rule variant, set by fit
         self.cm_thresholds = torch.zeros(self.grid, len(self.ic_stages), dtype=torch.float64)
+        self.statistics_seconds = 0.0  # wall time of fit's two statistics passes
 
     def modules(self) -> list[nn.Module]:
         return [self.backbone, self.ics, self.means]
@@ -98,15 +117,15 @@ class E2CMSDN(SDN):
         ctx = self.context
         self.backbone.eval()
         activations = self.shared_activations(train, ic_reducer, REDUCER_KEY)
+        started = time.perf_counter()
         distances = self._class_mean_statistics(train)
+        self.statistics_seconds = time.perf_counter() - started  # before the budget's clock starts
         budget.spend.extra_forward_samples += 3 * len(train)
         budget.spend.training_macs += 3 * len(train) * ctx.stage_costs.total
-        confidence = [torch.softmax(-d, dim=1).max(1).values for d in distances]
-        quantiles = torch.stack([torch.quantile(c, self._levels()) for c in confidence], dim=1)
-        down = torch.full_like(quantiles, float("-inf"))
-        self.cm_thresholds = torch.nextafter(quantiles, down)  # level 0 lets every confidence pass
+        self.cm_thresholds = cm_threshold_grid(distances, self.grid)
         features = [activations.features[s] for s in self.ic_stages]
         self._train_ics(features, activations.labels, budget, extras=[d.float() for d in distances])
+        budget.spend.seconds += self.statistics_seconds  # _train_ics set seconds to the budget's clock
 
     @torch.no_grad()
     def _class_mean_statistics(self, train: Dataset) -> list[torch.Tensor]:

@@ -6,10 +6,10 @@ shared feature vector:
 * ``plain``: the flattened feature map (the reference sizes it from the network *input*'s
   H×W, which only works at full resolution; eebench uses the real feature shape);
 * ``pool`` (default): global average pooling;
-* ``bnpool``: BatchNorm → ReLU → global average pooling, as the paper's Fig. 2 draws it.
-  The BatchNorm is a registered submodule, so it is optimised, moved to the device and
-  saved in the state_dict (the reference keeps it in a plain Python list, so its
-  parameters are never trained).
+* ``bnpool``: BatchNorm2d(C) → global average pooling, as the reference ``ExitBlock``
+  builds it (no ReLU). The BatchNorm is a registered submodule, so it is optimised, moved
+  to the device and saved in the state_dict (the reference keeps it in a plain Python
+  list, so its parameters are never trained).
 
 The final exit is the backbone's own head (global average pooling + Linear + softmax,
 exactly the reference's final classifier); the reference's final confidence head is used
@@ -116,7 +116,7 @@ class ExitBlock(nn.Module):
             self.features = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
             width = channels
         else:
-            self.features = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+            self.features = nn.Sequential(nn.BatchNorm2d(channels), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
             width = channels
         self.classifier = nn.Linear(width, num_classes)
         self.confidence = nn.Linear(width, 1)
@@ -240,7 +240,7 @@ class EENet(ExitStrategy):
             + ("costs in the paper's accounting (exit i: stages + its own block only; final = 1.0)."
                if self.native_cost else "costs include every evaluated exit block (the paper counts only the "
                "exit's own block and sets the final exit to 1.0).")
-            + (" bnpool = BN → ReLU → avgpool with the BN registered and trained." if exit_type == "bnpool" else "")
+            + (" bnpool = BN → avgpool with the BN registered and trained." if exit_type == "bnpool" else "")
         )
 
     def modules(self) -> list[nn.Module]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eebench.calibration import build_curve
-from eebench.costs import StageCosts
+from eebench.costs import ExitCosts, StageCosts
 from eebench.strategy import MethodContext
 from eebench.trace import compute_traces
 from eebench_plugins.budgets import SamplesBudget
@@ -18,19 +18,26 @@ from eebench_plugins.class_exclusion import (
     ClassExclusionTrace,
     exclusion_outcome,
     search_betas,
+    search_order,
 )
 
 
 def one_sample(scores: list[torch.Tensor], final_logits: torch.Tensor, betas: list[float]) -> tuple[int, int]:
-    """The reference LargeN._inference at batch 1 (with −inf masking at the end)."""
+    """The reference LargeN._inference at batch 1 (with −inf masking at the end), with the
+    harness's fix that the current top class survives the β rule even at β ≥ 1."""
     alive = torch.ones(final_logits.numel(), dtype=torch.bool)
     for i, (s, beta) in enumerate(zip(scores, betas, strict=True)):
         if beta == 0 or beta == float("inf"):
             continue
-        alive[int(s.argmax())] = True
-        alive &= s > beta * s.max()
+        top = int(s.argmax())
+        alive[top] = True
+        keep = s > min(beta, 1.0) * s.max()
+        keep[top] = True
+        alive &= keep
+        assert bool(alive[top])  # the top class at every evaluated exit is alive afterwards
         if int(alive.sum()) == 1:
             return i, int(alive.nonzero()[0])
+    assert bool(alive.any())  # never an empty alive set
     return len(scores), int(final_logits.masked_fill(~alive, float("-inf")).argmax())
 
 
@@ -38,9 +45,11 @@ def test_batched_inference_equals_per_sample_inference() -> None:
     generator = torch.Generator().manual_seed(0)
     scores = torch.rand(4, 200, 6, generator=generator, dtype=torch.float64) ** 3
     logits = torch.randn(200, 6, generator=generator, dtype=torch.float64)
-    betas = torch.rand(5, 4, generator=generator, dtype=torch.float64) * 0.9
+    betas = torch.rand(7, 4, generator=generator, dtype=torch.float64) * 0.9
     betas[0, 1] = float("inf")  # an exit switched off
     betas[1, 2] = 0.0
+    betas[5, 2] = 1.0  # β = 1 (and above) keeps only the top class
+    betas[6] = torch.tensor([0.999, 0.0, 1.5, 0.99])
     first, pred = exclusion_outcome(scores, logits, betas)
     for v in range(betas.shape[0]):
         for n in range(scores.shape[1]):
@@ -49,25 +58,105 @@ def test_batched_inference_equals_per_sample_inference() -> None:
     assert bool((first < 4).any()) and bool((first == 4).any())  # both early exits and fall-throughs
 
 
-def test_top_class_is_never_excluded_and_exit_means_one_class_left() -> None:
+def test_beta_zero_switches_exclusion_off() -> None:
     generator = torch.Generator().manual_seed(1)
     scores = torch.rand(3, 500, 10, generator=generator, dtype=torch.float64)
     logits = torch.randn(500, 10, generator=generator, dtype=torch.float64)
-    betas = torch.tensor([[0.95, 0.95, 0.95], [0.5, 0.9, 0.99]], dtype=torch.float64)
-    first, pred = exclusion_outcome(scores, logits, betas)
-    for v in range(2):
-        early = first[v] < 3
-        assert bool(early.any())
-        # the one class left is that exit's top class: the top class always survives
-        top = scores.argmax(2).gather(0, first[v].clamp(max=2)[None])[0]
-        assert bool((pred[v][early] == top[early]).all())
-        for n in torch.nonzero(early).flatten().tolist()[:50]:
-            i = int(first[v, n])
-            s = scores[i, n]
-            assert int((s > betas[v, i] * s.max()).sum()) >= 1
     # with every exit at β=0 nothing is excluded: all samples take the final classifier's argmax
     none_first, none_pred = exclusion_outcome(scores, logits, torch.zeros(1, 3, dtype=torch.float64))
     assert bool((none_first == 3).all()) and bool((none_pred[0] == logits.argmax(1)).all())
+
+
+TRUE, WRONG = 2, 1  # class 0 is never the answer: an empty alive set would predict it
+
+
+def hand_trace(samples: list[list[tuple[float, float]]]) -> ClassExclusionTrace:
+    """Per sample and exit, (score of the true class 2, score of the wrong class 1); class 0
+    scores 0. The final logits always favour the true class, so a sample is wrong only when
+    an exit leaves it with the wrong class (or its alive set loses the true class)."""
+    scores = torch.zeros(len(samples[0]), len(samples), 3, dtype=torch.float64)
+    for n, per_exit in enumerate(samples):
+        for j, (true, wrong) in enumerate(per_exit):
+            scores[j, n, TRUE], scores[j, n, WRONG] = true, wrong
+    logits = torch.zeros(len(samples), 3, dtype=torch.float64)
+    logits[:, TRUE] = 1.0
+    return ClassExclusionTrace(scores, logits, torch.full((len(samples),), TRUE, dtype=torch.long))
+
+
+ALONE = (1.0, 0.0)  # the true class is the only one above any β: leaves correctly
+UNSURE = (1.0, 0.9)  # true class on top, the wrong one close: stays for β < 0.9
+
+
+def wrong_from(level: float) -> tuple[float, float]:
+    """The wrong class on top and the true class at level − 0.005: the exit leaves with the
+    wrong class from β = level on (on the 0.01 grid), and keeps both below."""
+    return (round(level - 0.005, 6), 1.0)
+
+
+@pytest.mark.parametrize(("samples", "tolerance", "expected"), [
+    ([[ALONE]] * 10, 0.0, 0.01),  # accuracy equal to the goal fails at once: 0.01 − 0.02 clamps to 0.01
+    ([[ALONE]] * 10, 0.05, 0.99),  # never failing up to 0.99: β = 0.99 (at 1.00 it would still pass)
+    ([[wrong_from(0.99)]] + [[ALONE]] * 9, 0.05, 0.97),  # fails at 0.99: two steps back
+    ([[wrong_from(0.05)]] + [[ALONE]] * 9, 0.05, 0.03),
+    ([[wrong_from(0.02)]] + [[ALONE]] * 9, 0.05, 0.01),  # 0.02 − 0.02 = 0 clamps to 0.01
+    # one error is within the tolerance 0.15, the second (at 0.38) is not: 0.36
+    ([[wrong_from(0.05)], [wrong_from(0.38)]] + [[ALONE]] * 8, 0.15, 0.36),
+])
+def test_search_climbs_and_backs_off_exactly(samples, tolerance, expected) -> None:
+    trace = hand_trace(samples)
+    assert search_betas(trace, [0], tolerance).tolist() == [pytest.approx(expected, abs=1e-12)]
+
+
+def order_sensitive_trace() -> ClassExclusionTrace:
+    """Two exits; one error is allowed at tolerance 0.15 (10 samples). Exit 0 then exit 1
+    gives β = [0.28, 0.03]; exit 1 then exit 0 gives β = [0.03, 0.48] (worked out by hand)."""
+    return hand_trace([
+        [wrong_from(0.05), ALONE],  # wrong at exit 0 from 0.05
+        [wrong_from(0.30), ALONE],  # wrong at exit 0 from 0.30
+        [UNSURE, wrong_from(0.05)],  # passes exit 0, wrong at exit 1 from 0.05
+        [UNSURE, wrong_from(0.50)],  # passes exit 0, wrong at exit 1 from 0.50
+    ] + [[ALONE, ALONE]] * 6)
+
+
+def test_search_is_greedy_and_sequential_by_hand() -> None:
+    trace = order_sensitive_trace()
+    assert search_betas(trace, [0, 1], 0.15).tolist() == pytest.approx([0.28, 0.03], abs=1e-12)
+    assert search_betas(trace, [1, 0], 0.15).tolist() == pytest.approx([0.03, 0.48], abs=1e-12)
+
+
+def test_default_search_order_is_preceding_segment_macs_descending() -> None:
+    trace = order_sensitive_trace()
+    # exit 0 reaches 10 MACs, exit 1 40 (segment 30), the final exit 100: exit 1 is searched first
+    costs = ExitCosts(torch.tensor([10.0, 40.0, 100.0], dtype=torch.float64), torch.zeros(3, dtype=torch.float64),
+                      100.0)
+    assert search_order(costs) == [1, 0]
+    [vector] = ClassExclusionSearch(tolerances=(0.15,)).thresholds(trace, costs, torch.Generator())
+    assert vector.tolist() == pytest.approx([0.03, 0.48], abs=1e-12)
+    # the other way round (segment before exit 0 the larger) searches exit 0 first
+    costs = ExitCosts(torch.tensor([30.0, 40.0, 100.0], dtype=torch.float64), torch.zeros(3, dtype=torch.float64),
+                      100.0)
+    [vector] = ClassExclusionSearch(tolerances=(0.15,)).thresholds(trace, costs, torch.Generator())
+    assert vector.tolist() == pytest.approx([0.28, 0.03], abs=1e-12)
+
+
+def reference_search(trace: ClassExclusionTrace, order: list[int], tolerance: float) -> list[float]:
+    """Spec §6.4 written out plainly: β = 0.01, 0.02, … while accuracy > goal (up to 0.99),
+    then two steps back from the first failing β, clamped to [0.01, 0.99]; 0.99 if none fails."""
+    betas = [0.0] * trace.exclusion_scores.shape[0]
+
+    def accuracy(vector: list[float]) -> float:
+        return float(trace.outcome(torch.tensor([vector], dtype=torch.float64))[1].double().mean())
+
+    goal = accuracy(betas) - tolerance
+    for j in order:
+        chosen = 0.99
+        for k in range(1, 100):
+            betas[j] = k / 100
+            if not accuracy(betas) > goal:
+                chosen = min(max((k - 2) / 100, 0.01), 0.99)
+                break
+        betas[j] = chosen
+    return betas
 
 
 @pytest.fixture(scope="module")
@@ -109,22 +198,65 @@ def test_loss_is_ce_plus_weighted_bce(fitted) -> None:
     assert float(strategy.loss(heads, final, y)) == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_search_keeps_accuracy_above_goal_and_curve_is_built(fitted) -> None:
+@pytest.fixture(scope="module")
+def traces(fitted):
     strategy, _, _, train, test = fitted
     [calibration] = compute_traces(strategy, train, batch_size=100, device="cpu")
     [on_test] = compute_traces(strategy, test, batch_size=100, device="cpu")
     assert isinstance(calibration, ClassExclusionTrace)
-    start = float(calibration.outcome(torch.zeros(1, len(strategy.exit_stages)))[1].double().mean())
-    order = list(range(len(strategy.exit_stages)))
+    return calibration, on_test
+
+
+def test_top_class_survives_on_real_traces_even_at_beta_one(fitted, traces) -> None:
+    strategy, *_ = fitted
+    _, on_test = traces
+    scores, logits = on_test.exclusion_scores, on_test.final_logits
+    heads, samples, _ = scores.shape
+    assert heads >= 3
+    vectors = torch.tensor([[1.0] * heads, [0.999] * heads, [0.99] * heads, [0.95] * heads,
+                            [0.0] * (heads - 1) + [1.0], [1.0] + [0.99] * (heads - 1)], dtype=torch.float64)
+    first, pred, alive = exclusion_outcome(scores, logits, vectors, with_alive=True)
+    assert bool(alive.any(2).all())  # no sample ever ends with an empty alive set
+    assert bool(alive.gather(2, pred[:, :, None]).all())  # the predicted class is alive
+    early = first < heads
+    assert bool((alive.sum(2)[early] == 1).all())  # leaving means one class left
+    top = scores.argmax(2)  # [J, N]
+    left_with = top.gather(0, first.clamp(max=heads - 1))  # each sample's top class at its exit
+    assert bool((pred[early] == left_with[early]).all())
+    # β = 1 keeps only the top class: everyone leaves at the first exit it is on, with its top class
+    assert bool((first[0] == 0).all()) and torch.equal(pred[0], top[0])
+    assert bool((first[4] == heads - 1).all()) and torch.equal(pred[4], top[-1])
+    assert bool((first[5] == 0).all())
+    # the batched rule is the per-sample one (which checks the top class survives every exit)
+    for v in range(vectors.shape[0]):
+        for n in range(0, samples, 7):
+            expected = one_sample([scores[i, n] for i in range(heads)], logits[n], vectors[v].tolist())
+            assert (int(first[v, n]), int(pred[v, n])) == expected
+
+
+def test_search_equals_the_plain_reference_loop_and_curve_is_built(fitted, traces) -> None:
+    strategy, *_ = fitted
+    calibration, on_test = traces
+    heads = len(strategy.exit_stages)
+    order = list(range(heads))
+    found = []
     for tolerance in (0.0, 0.05, 0.2):
         betas = search_betas(calibration, order, tolerance)
-        assert bool(((betas >= 0.01) & (betas <= 0.99)).all())
-        accuracy = float(calibration.outcome(betas[None])[1].double().mean())
-        clamped = bool((betas == 0.01).any())
-        assert accuracy > start - tolerance or clamped
+        assert betas.tolist() == pytest.approx(reference_search(calibration, order, tolerance), abs=1e-12)
+        found += betas.tolist()
+    assert any(0.01 < b < 0.99 for b in found)  # the climb stopped inside the range somewhere
     costs = strategy.exit_costs()
+    # default order: descending MACs of the backbone segment before each exit
+    stage = strategy.context.stage_costs
+    reach = [stage.through(s) for s in strategy.exit_stages]
+    segments = [reach[0]] + [b - a for a, b in zip(reach, reach[1:], strict=False)]
+    assert search_order(costs) == sorted(range(heads), key=lambda j: (-segments[j], j))
+    assert len(set(segments)) > 1 and search_order(costs) != order  # the default order is not the exit order
     vectors = ClassExclusionSearch(tolerances=(0.0, 0.05, 0.2, 0.5)).thresholds(calibration, costs,
                                                                                   torch.Generator())
+    default = search_order(costs)
+    for tolerance, vector in zip((0.0, 0.05, 0.2, 0.5), vectors, strict=True):
+        assert vector.tolist() == pytest.approx(search_betas(calibration, default, tolerance).tolist(), abs=1e-12)
     curve = build_curve([calibration], [on_test], costs, [vectors])
     assert bool((curve.calibration_accuracy.diff() >= 0).all())
     assert float(curve.calibration_cost.min()) < 1.0  # exclusion does make samples leave early

@@ -13,7 +13,7 @@ from eebench.strategy import MethodContext
 from eebench.trace import compute_traces
 from eebench_plugins.budgets import EpochsBudget
 from eebench_plugins.calibrators import PerExitBisection
-from eebench_plugins.e2cm_sdn import E2CMSDN
+from eebench_plugins.e2cm_sdn import E2CMSDN, cm_threshold_grid
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,15 @@ def consulting(trained_resnet20, small_fmnist):
     strategy = E2CMSDN(model, context, grid=2)  # x 2 agreement rules = 4 variants
     budget = EpochsBudget(3)
     budget.bind(len(train))
+    train_ics, clock = strategy._train_ics, {}
+
+    def timed_train_ics(*args, **kwargs):
+        train_ics(*args, **kwargs)
+        clock["ic_seconds"] = budget.spend.seconds  # what SDN's IC training records
+
+    strategy._train_ics = timed_train_ics
     strategy.fit(train, budget)
+    strategy.ic_clock = clock["ic_seconds"]
     strategy.eval()
     return strategy, budget, train, test
 
@@ -41,6 +49,14 @@ def test_spend_counts_every_pass(consulting) -> None:
     _, budget, train, _ = consulting
     assert budget.spend.samples == 3 * len(train)  # IC training only
     assert budget.spend.extra_forward_samples == 3 * len(train)  # activations, class means, divisors
+
+
+def test_seconds_include_the_statistics_passes(consulting) -> None:
+    strategy, budget, *_ = consulting
+    # the two statistics passes run before the budget's clock starts: their seconds are added on top
+    assert strategy.statistics_seconds > 0
+    assert budget.spend.seconds == pytest.approx(strategy.ic_clock + strategy.statistics_seconds, rel=1e-9)
+    assert budget.spend.seconds >= strategy.statistics_seconds
 
 
 def test_consulting_never_exits_where_either_party_says_continue(consulting) -> None:
@@ -75,7 +91,16 @@ def test_grid_level_zero_never_vetoes_on_confidence(consulting) -> None:
     strategy, _, train, _ = consulting
     parts = strategy.parts(train.images)
     assert bool((parts["cm_conf"] > strategy.cm_thresholds[0][:, None]).all())
+    # level 0 is exactly −inf (not just below the training minimum), the others the training quantiles
+    assert strategy.cm_thresholds[0].tolist() == [float("-inf")] * len(strategy.ic_stages)
+    assert bool(torch.isfinite(strategy.cm_thresholds[1:]).all())
     assert bool((strategy.cm_thresholds.diff(dim=0) >= 0).all())
+    # a sample less confident than every training sample (all K distances equal: confidence 1/K) still passes
+    training = torch.tensor([[0.0, 1.0, 1.0], [0.0, 2.0, 2.0]], dtype=torch.float64)  # confidences > 1/3
+    assert 1 / 3 > float(cm_threshold_grid([training], 2)[0, 0])
+    median = cm_threshold_grid([torch.tensor([[0.0, 1.0], [0.0, 2.0], [0.0, 3.0]], dtype=torch.float64)], 2)
+    confidence = torch.softmax(-torch.tensor([0.0, 2.0], dtype=torch.float64), 0).max()  # the middle sample
+    assert float(median[1, 0]) < float(confidence) and float(median[1, 0]) == pytest.approx(float(confidence))
     scores = strategy.exit_outputs(train.images[:500]).scores  # [variants, exits, N]
     confidence_level_zero = strategy.rules.index("confidence") * strategy.grid
     assert bool(torch.isfinite(scores[confidence_level_zero]).all())  # that rule never vetoes at level 0
