@@ -320,3 +320,24 @@ def test_the_budget_caps_training(small_fmnist) -> None:
     assert budget.spend.samples == 500
     with torch.no_grad():
         assert strategy.exit_outputs(train.images[:5]).preds.shape == (3, 5)  # still a usable (weak) model
+
+
+def test_autoencoder_activations_follow_the_paper() -> None:
+    """DEC Sec. 3.2: every layer is ReLU except the embedding and the first pair's decoder, so the
+    embedding and the reconstructed input may be negative and every other output may not."""
+    from torch import nn
+
+    from eebench_plugins.dec.pretrain import StackedAutoencoder
+
+    torch.manual_seed(0)
+    sizes = [12, 8, 8, 16, 3]
+    sae = StackedAutoencoder([nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)])
+    x = torch.randn(256, 12)
+    hidden = [x]
+    for i in range(4):
+        hidden.append(sae.encode(x, upto=i + 1))
+    assert all((h >= 0).all() for h in hidden[1:4]) and (hidden[4] < 0).any()  # embedding linear
+    assert (sae.pair(0, x, 0.0) < 0).any()  # reconstructs the input: linear
+    for i in (1, 2, 3):  # reconstruct ReLU codes (the 2000-d layer included): ReLU
+        assert (sae.pair(i, hidden[i], 0.0) >= 0).all()
+    assert (sae(x) < 0).any()

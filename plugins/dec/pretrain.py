@@ -2,9 +2,10 @@
 
 Layer-wise: each encoder layer is trained as a one-hidden-layer DAE on the previous layer's
 (clean) output, with dropout on the DAE's input and on its hidden code (the paper; pt-sdae
-corrupts only the code). Activations follow the paper: ReLU everywhere except the
-embedding (last encoder layer), the first pair's decoder (it reconstructs the input) and
-the last pair's decoder. Then all encoders and the decoders in reverse order form one deep
+corrupts only the code). Activations follow the paper ("except for g2 of the first pair,
+which reconstructs the input, and g1 of the last pair, so the embedding keeps full
+information, all are ReLUs"): ReLU everywhere except the embedding (last encoder layer) and
+the first pair's decoder. Then all encoders and the decoders in reverse order form one deep
 autoencoder, fine-tuned on clean inputs (the paper is silent on corruption here; DEC-keras
 uses none).
 """
@@ -38,7 +39,7 @@ class StackedAutoencoder(nn.Module):
         return i < len(self.encoders) - 1
 
     def decoder_relu(self, i: int) -> bool:
-        return 0 < i < len(self.encoders) - 1
+        return i > 0  # only the first pair's decoder (the reconstruction of the input) is linear
 
     def encode(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         for i, layer in enumerate(self.encoders[:upto]):
