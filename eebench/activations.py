@@ -73,15 +73,29 @@ class ActivationCache:
     @torch.no_grad()
     def _compute(self, backbone: StagedBackbone, dataset: Dataset, reducer: Reducer, batch_size: int,
                  device: torch.device | str) -> Activations:
+        """One pass; outputs are written into tensors sized on the first batch, so the cache never
+        needs a second copy of itself (list-then-cat would hold twice its size at the end)."""
         backbone.eval()
         wanted = set(backbone.exit_points)
-        chunks: dict[int, list[torch.Tensor]] = {s: [] for s in backbone.exit_points}
-        logits, labels = [], []
+        total = len(dataset)
+        features: dict[int, torch.Tensor] = {}
+        logits: torch.Tensor | None = None
+        labels = torch.empty(total, dtype=torch.long)
+        start = 0
         for x, y in iterate_batches(dataset, batch_size, device=device, description="shared activations"):
+            stop = start + int(y.shape[0])
             out = x
             for index, out in backbone.iter_stages(x):
                 if index in wanted:
-                    chunks[index].append(reducer(index, out).to("cpu", self.storage_dtype))
-            logits.append(backbone.head(out).float().cpu())
-            labels.append(y.cpu())
-        return Activations({s: torch.cat(c) for s, c in chunks.items()}, torch.cat(logits), torch.cat(labels))
+                    reduced = reducer(index, out)
+                    if index not in features:
+                        features[index] = torch.empty((total, *reduced.shape[1:]), dtype=self.storage_dtype)
+                    features[index][start:stop] = reduced.to("cpu", self.storage_dtype)
+            head = backbone.head(out).float().cpu()
+            if logits is None:
+                logits = torch.empty((total, *head.shape[1:]), dtype=head.dtype)
+            logits[start:stop] = head
+            labels[start:stop] = y.cpu()
+            start = stop
+        ordered = {s: features[s] for s in backbone.exit_points if s in features}
+        return Activations(ordered, logits if logits is not None else torch.empty(0), labels)
