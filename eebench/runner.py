@@ -189,6 +189,9 @@ class Runner:
         operating_points = evaluate_operating_points(strategy.operating_points(), calibration_traces, test_traces,
                                                      exit_costs, strategy.extra_metrics)
         curve_dict = curve.to_dict()
+        native = strategy.native_thresholds(curve.thresholds)
+        if native:
+            curve_dict["native_thresholds"] = native
         no_exit_metrics = _metrics(strategy.extra_metrics, test_trace, no_exit_vector(test_trace))
         curve_metrics = _curve_metrics(strategy.extra_metrics, test_traces, curve.thresholds, curve.variants)
         if curve_metrics:
@@ -227,6 +230,7 @@ class Runner:
                 "torch": torch.__version__,
                 "python": platform.python_version(),
                 "device": str(self.device),
+                "threads": torch.get_num_threads(),  # CPU float reductions, hence numbers, depend on it
                 "seconds": {k: round(v, 3) for k, v in phases.items()},
                 "base_backbone": {"key": base_info.key, "source": base_info.source,
                                   "train_seconds": round(base_info.train_seconds, 2),

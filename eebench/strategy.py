@@ -142,6 +142,12 @@ class ExitStrategy(ABC):
         """
         return {}
 
+    def native_thresholds(self, thresholds: torch.Tensor) -> dict[str, Any] | None:
+        """The hull's threshold vectors [P, E-1] in the method's own units, stored as
+        ``curve.native_thresholds`` ({"name", "values"}); for a trace whose score is a transform
+        of the paper's quantity (BranchyNet scores −entropy). None: trace units only."""
+        return None
+
     def fit_info(self) -> dict[str, Any]:
         """What ``fit`` did (iterations, stopping reasons...), stored in the result as is."""
         return {}

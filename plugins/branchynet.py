@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -219,6 +220,11 @@ class BranchyNet(ExitStrategy):
         train_jointly(self.backbone, self.branches, lambda x, y: self.loss(self.logits(x), y), train, budget,
                       self.context, lr=self.lr, weight_decay=self.weight_decay, per_sample_macs=per_sample,
                       description="branchynet", schedule=self.schedule, key="branchynet.lr")
+
+    def native_thresholds(self, thresholds: torch.Tensor) -> dict[str, Any]:
+        """Calibrated score thresholds as the paper's entropy thresholds T_n ∈ [0, ln K] (exit when H < T_n)."""
+        values = entropy_thresholds(thresholds, self.context.num_classes)
+        return {"name": "entropy T_n (nats; exit when H < T_n; 0 = branch off)", "values": values.tolist()}
 
     @torch.no_grad()
     def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:

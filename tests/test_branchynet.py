@@ -167,5 +167,14 @@ def test_cli_run_shows_branchynet_in_the_leaderboard(tmp_path) -> None:
     assert result["calibrator"] == "per-exit-bisection" and result["spend"]["samples"] == 64
     assert result["exits"]["names"] == ["branch@stem", "branch@block3", "final"]
     assert "[1, 1, 0.3] (paper)" in result["notes"]
+    native = result["curve"]["native_thresholds"]  # the hull in the paper's units: entropy T ∈ [0, ln K]
+    assert len(native["values"]) == len(result["curve"]["thresholds"])
+    for scores, entropies in zip(result["curve"]["thresholds"], native["values"], strict=True):
+        for score, limit in zip(scores, entropies, strict=True):
+            assert 0.0 <= limit <= math.log(10) + 1e-12
+            if score is not None and score != "-inf" and -math.log(10) <= score <= 0:
+                assert limit == pytest.approx(-score)  # H < T ⇔ −H > −T
+            if score is None:  # switched off: T = 0, since no entropy is below 0
+                assert limit == 0.0
     board = (tmp_path / "boards" / "tiny-branchynet.md").read_text()
     assert "| BranchyNet |" in board and "- BranchyNet:" in board

@@ -16,7 +16,7 @@ def test_result_json_carries_provenance_and_curve(smoke_run: Path) -> None:
     (result,) = results(smoke_run)
     assert result["schema_version"] == 1 and len(result["config_hash"]) == 16
     provenance = result["provenance"]
-    assert provenance["torch"] and provenance["device"] == "cpu"
+    assert provenance["torch"] and provenance["device"] == "cpu" and provenance["threads"] >= 1
     assert set(provenance["seconds"]) == {"data", "backbone", "fit", "trace_calibration", "trace_test", "calibrate"}
     assert provenance["plugins"]["method"].startswith("eebench ")
     assert result["spend"]["samples"] == result["sizes"]["train"] == 1000
