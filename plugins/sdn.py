@@ -231,7 +231,9 @@ def place_ics(backbone: StagedBackbone, context: MethodContext, fractions: list[
     """
     candidates = [s for s in backbone.exit_points if s != len(backbone.stages) - 1]
     stages = context.stage_costs.stages_at_fractions(candidates, fractions)
-    if len(stages) < len(fractions) and candidates and candidates[-1] not in stages:
+    costs = context.stage_costs
+    unreached = bool(candidates) and any(costs.through(candidates[-1]) < f * costs.total for f in fractions)
+    if unreached and candidates[-1] not in stages:  # not when fractions merely share an exit point
         stages.append(candidates[-1])
     return stages
 

@@ -203,3 +203,17 @@ def test_cli_runs_e2cm_and_sdn_and_records_the_shared_pass(tmp_path) -> None:
     assert sdn["exits"]["names"][-1] == "final" and len(sdn["exits"]["names"]) == 7
     per_exit = results["sdn-per-exit"]  # served from the shared cache, still charged as if alone
     assert per_exit["calibrator"] == "per-exit-bisection" and per_exit["spend"]["extra_forward_samples"] == 300
+
+
+def test_fractions_sharing_an_exit_point_get_one_ic_and_no_extra(registry) -> None:
+    """Two fractions reached at the same block give that one IC; only an unreached fraction adds the
+    last exit point before the final stage."""
+    from eebench_plugins.sdn import place_ics
+
+    model = registry.get("backbones", "resnet20")(10, (1, 28, 28)).eval()
+    costs = StageCosts.measure(model, (1, 28, 28))
+    context = MethodContext(10, (1, 28, 28), costs, torch.device("cpu"), seed=0)
+    candidates = [s for s in model.exit_points if s != len(model.stages) - 1]
+    first = min(s for s in candidates if costs.through(s) >= 0.5 * costs.total)
+    assert place_ics(model, context, [0.5, 0.5001]) == [first]
+    assert place_ics(model, context, [0.5, 0.9999]) == [first, candidates[-1]]
