@@ -15,8 +15,13 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
 fi
 echo "Trying a torchvision download of Fashion-MNIST into ~/.cache/eebench/data ..."
 if "$python" - <<'PY'
-from eebench_plugins.datasets import fashion_mnist
-fashion_mnist(download=True)
+import sys
+try:
+    from eebench_plugins.datasets import fashion_mnist
+    fashion_mnist(download=True)
+except Exception as exc:  # one line, then the message below says what to do
+    print(f"torchvision download failed: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+    sys.exit(1)
 PY
 then exit 0; fi
 cat >&2 <<'MSG'
