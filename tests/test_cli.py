@@ -182,3 +182,13 @@ def test_unknown_device_is_one_line_and_code_2(tmp_path, capsys) -> None:
     path = write_suite(tmp_path, TINY)
     code, err = run_cli(["run", path, "--out", str(tmp_path / "run"), "--device", "tpu"], capsys)
     assert code == 2 and "--device" in one_line_error(err)
+
+
+SUITES = Path(__file__).resolve().parents[1] / "suites"
+
+
+@pytest.mark.parametrize("suite", sorted(p.name for p in SUITES.glob("*.yaml")))
+def test_every_shipped_suite_validates(suite, capsys) -> None:
+    path = SUITES / suite
+    assert main(["validate", str(path)]) == 0
+    assert "valid" in capsys.readouterr().out
