@@ -65,6 +65,11 @@ class ActivationCache:
         self.forward_samples += len(dataset)
         return computed, False
 
+    def peek(self, backbone_key: str, dataset: Dataset, reducer_key: str) -> Activations | None:
+        """The activations already held for ``dataset`` (None: not computed, or sharing is off)."""
+        held = self._store.get((backbone_key, id(dataset), reducer_key))
+        return held[1] if held is not None and held[0] is dataset else None
+
     def keep_only(self, backbone_key: str) -> None:
         """Free everything computed for other backbones (cells come grouped by backbone)."""
         for key in [k for k in self._store if k[0] != backbone_key]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -113,6 +113,20 @@ class ExitStrategy(ABC):
             batch_size=self.context.batch_size, device=self.context.device,
         )
         return activations
+
+    def cached_activations(self, dataset: Dataset, reducer_key: str) -> Activations | None:
+        """What ``shared_activations`` already holds for ``dataset``, without computing anything."""
+        key = self.context.backbone_key or f"untracked-{id(self.backbone)}"
+        return self.context.activations.peek(key, dataset, reducer_key)
+
+    def cached_outputs(self, dataset: Dataset) -> Iterator[tuple[ExitOutputs, torch.Tensor]] | None:
+        """``(exit_outputs, labels)`` batches for ``dataset`` without running the backbone, or None.
+
+        A frozen-backbone method whose activations for ``dataset`` are already cached (the
+        calibration split is the training split by default) scores its exits from them, so its
+        calibration trace costs no second backbone pass. None: the harness runs the images.
+        """
+        return None
 
     def variant_names(self) -> list[str]:
         """Names of the decision-rule variants the outputs carry (one unnamed by default)."""

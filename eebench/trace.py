@@ -126,9 +126,12 @@ def compute_traces(
     if cached is not None:
         return cached if isinstance(cached, list) else [cached]
     strategy.eval()
+    batches = strategy.cached_outputs(dataset)
+    if batches is None:  # the usual case: one batched pass over the images
+        batches = ((strategy.exit_outputs(x), y)
+                   for x, y in iterate_batches(dataset, batch_size, device=device, description=description))
     preds, scores, labels = [], [], []
-    for x, y in iterate_batches(dataset, batch_size, device=device, description=description):
-        out = strategy.exit_outputs(x)
+    for out, y in batches:
         preds.append(out.preds.cpu())
         scores.append(out.scores.double().cpu())
         labels.append(y.cpu())

@@ -248,7 +248,8 @@ class BWDS(SDN):
         "trained together with its policy on the same batches (schedule: per-exit): epochs: 6 with 6 ICs = "
         "one epoch per decision function, a deviation-free match of the paper's 6 epochs for the decision "
         "functions, with one epoch per IC (SDN's ICs get six); seconds budgets: one epoch per phase until "
-        "spent. schedule: ics-first = ICs first, then the policies (J+1 equal phases)."
+        "spent. schedule: ics-first = ICs first, then the policies (J+1 equal phases). Calibration trace scored "
+        "from the shared fp16 activations; test trace from the images."
     )
 
     def __init__(
@@ -294,13 +295,18 @@ class BWDS(SDN):
 
     @torch.no_grad()
     def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:
+        ic_logits = [ic(out) for ic, out in self._walk(x)]
+        return self.outputs_from_logits(ic_logits, self.backbone.head(self._last))
+
+    def outputs_from_logits(self, ic_logits: list[torch.Tensor], head_logits: torch.Tensor,
+                            extras: list[torch.Tensor] | None = None) -> ExitOutputs:
+        """[Λ, E, B]: each λ's policy probability at the IC exits, the head's max softmax at the end."""
         variants = len(self.lambdas)
         preds, scores = [], []
-        for j, (ic, out) in enumerate(self._walk(x)):
-            logits = ic(out)
+        for j, logits in enumerate(ic_logits):
             preds.append(logits.argmax(1)[None].expand(variants, -1))
             scores.append(self.policies.probability(j, policy_inputs(logits)))
-        head = torch.softmax(self.backbone.head(self._last).double(), dim=1).max(1)
+        head = torch.softmax(head_logits.double(), dim=1).max(1)
         preds.append(head.indices[None].expand(variants, -1))
         scores.append(head.values[None].expand(variants, -1))
         return ExitOutputs(torch.stack(preds, dim=1), torch.stack(scores, dim=1))

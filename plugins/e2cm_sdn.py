@@ -69,7 +69,8 @@ class E2CMSDN(SDN):
         "(≥ T_ic) and E²CM (> T_cm) agree, with and without also requiring the same class (two rule variants); "
         "T_cm from a grid (level 0 = −inf, never vetoes; then training-split confidence quantiles), T_ic searched "
         "per rule and grid level, one calibration hull over all; seconds include the two class-mean statistics "
-        "passes."
+        "passes. Calibration trace scored from the shared fp16 activations and fit's training distances; test "
+        "trace from the images."
     )
 
     def __init__(
@@ -101,6 +102,7 @@ class E2CMSDN(SDN):
         # [grid, ICs]: E²CM's threshold at each IC for each rule variant, set by fit
         self.cm_thresholds = torch.zeros(self.grid, len(self.ic_stages), dtype=torch.float64)
         self.statistics_seconds = 0.0  # wall time of fit's two statistics passes
+        self._fit_distances: tuple[Dataset, list[torch.Tensor]] | None = None  # (train split, its distances)
 
     def modules(self) -> list[nn.Module]:
         return [self.backbone, self.ics, self.means]
@@ -123,6 +125,7 @@ class E2CMSDN(SDN):
         budget.spend.extra_forward_samples += 3 * len(train)
         budget.spend.training_macs += 3 * len(train) * ctx.stage_costs.total
         self.cm_thresholds = cm_threshold_grid(distances, self.grid)
+        self._fit_distances = (train, distances)
         features = [activations.features[s] for s in self.ic_stages]
         self._train_ics(features, activations.labels, budget, extras=[d.float() for d in distances])
         budget.spend.seconds += self.statistics_seconds  # _train_ics set seconds to the budget's clock
@@ -152,23 +155,49 @@ class E2CMSDN(SDN):
     @torch.no_grad()
     def parts(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Both parties' confidence and class at every IC ([ICs, B]) plus the head's logits."""
-        ic_conf, ic_pred, cm_conf, cm_pred = [], [], [], []
+        ic_logits, distances = self._live_inputs(x)
+        return self._parts_from(ic_logits, distances, self.backbone.head(self._last))
+
+    def _live_inputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """IC logits and eq. 4-normalised class-mean distances at every IC, from the images."""
+        ic_logits, distances = [], []
         for (ic, out), means in zip(self._walk(x), self.means, strict=True):
             d = means.distances(out) / means.divisors
+            ic_logits.append(ic(out, d.float()))
+            distances.append(d)
+        return ic_logits, distances
+
+    @staticmethod
+    def _parts_from(ic_logits: list[torch.Tensor], distances: list[torch.Tensor],
+                    head: torch.Tensor) -> dict[str, torch.Tensor]:
+        ic_conf, ic_pred, cm_conf, cm_pred = [], [], [], []
+        for logits, d in zip(ic_logits, distances, strict=True):
             cm = torch.softmax(-d, dim=1).max(1)
-            logits = ic(out, d.float())
             ic_best = torch.softmax(logits.double(), dim=1).max(1)
             ic_conf.append(ic_best.values)
             ic_pred.append(ic_best.indices)
             cm_conf.append(cm.values)
             cm_pred.append(cm.indices)
         return {"ic_conf": torch.stack(ic_conf), "ic_pred": torch.stack(ic_pred), "cm_conf": torch.stack(cm_conf),
-                "cm_pred": torch.stack(cm_pred), "head": self.backbone.head(self._last)}
+                "cm_pred": torch.stack(cm_pred), "head": head}
 
     @torch.no_grad()
     def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:
-        p = self.parts(x)
-        confident = p["cm_conf"][None] > self.cm_thresholds.to(x.device)[:, :, None]  # [G, ICs, B]
+        ic_logits, distances = self._live_inputs(x)
+        return self.outputs_from_logits(ic_logits, self.backbone.head(self._last), distances)
+
+    def cached_extras(self, dataset: Dataset) -> list[torch.Tensor] | None:
+        """The normalised training distances fit computed, when ``dataset`` is that training split."""
+        held = self._fit_distances
+        return held[1] if held is not None and held[0] is dataset else None
+
+    def outputs_from_logits(self, ic_logits: list[torch.Tensor], head_logits: torch.Tensor,
+                            extras: list[torch.Tensor] | None = None) -> ExitOutputs:
+        """Both parties must agree (see the class doc); ``extras`` are the normalised distances."""
+        if extras is None:
+            raise ValueError("E²CM+SDN scores exits from IC logits and class-mean distances together")
+        p = self._parts_from(ic_logits, extras, head_logits)
+        confident = p["cm_conf"][None] > self.cm_thresholds.to(head_logits.device)[:, :, None]  # [G, ICs, B]
         same = (p["cm_pred"] == p["ic_pred"])[None]
         agree = torch.cat([confident & same if rule == "same-class" else confident for rule in self.rules])
         vetoed = torch.full_like(p["ic_conf"], float("-inf"))

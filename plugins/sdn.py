@@ -48,6 +48,7 @@ from torch.utils.data import Dataset
 
 from eebench import hookimpl
 from eebench.api import (
+    Activations,
     Budget,
     EebenchError,
     ExitCosts,
@@ -80,7 +81,8 @@ class SDN(ExitStrategy):
     default_calibrator = "shared-threshold"
     notes = (
         "SDN (IC-only, frozen backbone): 6 mixed-pooling ICs at 15–90 % of backbone MACs, Adam, summed CE; "
-        "ICs trained on cached un-augmented activations (the reference augments); exit when max softmax ≥ T."
+        "ICs trained on cached un-augmented activations (the reference augments); exit when max softmax ≥ T. "
+        "Calibration trace scored from the shared fp16 activations the ICs trained on; test trace from the images."
     )
 
     def __init__(
@@ -173,13 +175,46 @@ class SDN(ExitStrategy):
 
     @torch.no_grad()
     def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:
-        logits = [ic(out) for ic, out in self._walk(x)]
-        logits.append(self.backbone.head(self._last))
+        ic_logits = [ic(out) for ic, out in self._walk(x)]
+        return self.outputs_from_logits(ic_logits, self.backbone.head(self._last))
+
+    def outputs_from_logits(self, ic_logits: list[torch.Tensor], head_logits: torch.Tensor,
+                            extras: list[torch.Tensor] | None = None) -> ExitOutputs:
+        """The exit rule on the ICs' and the head's logits: one code path for live and cached inputs."""
+        logits = [*ic_logits, head_logits]
         scores = torch.stack([torch.softmax(z.double(), dim=1).max(1).values for z in logits])
         preds = torch.stack([z.argmax(1) for z in logits])
         if self.fallback == "most_confident":
             preds, scores = most_confident_final(preds, scores)
         return ExitOutputs(preds, scores)
+
+    def cached_extras(self, dataset: Dataset) -> list[torch.Tensor] | None:
+        """Per-IC extra inputs for the samples of ``dataset`` (E²CM+SDN's distances); none for SDN."""
+        return None
+
+    def cached_outputs(self, dataset: Dataset) -> Iterator[tuple[ExitOutputs, torch.Tensor]] | None:
+        """Exit outputs from the shared activations (calibration = training split by default), so the
+        calibration trace does not run the backbone again. The ICs read the same cached (fp16) features
+        they were trained on; the test trace still runs the images."""
+        activations = self.cached_activations(dataset, REDUCER_KEY)
+        needs_extras = any(ic.extra_inputs for ic in self.ics)
+        extras = self.cached_extras(dataset) if needs_extras else None
+        if activations is None or not self.ic_stages or (needs_extras and extras is None):
+            return None
+        return self._outputs_from_cache(activations, extras)
+
+    def _outputs_from_cache(self, activations: Activations,
+                            extras: list[torch.Tensor] | None) -> Iterator[tuple[ExitOutputs, torch.Tensor]]:
+        device, step = self.context.device, self.context.batch_size
+        for start in range(0, len(activations), step):
+            rows = slice(start, start + step)
+            with torch.no_grad():
+                ic_logits = [ic.forward_pooled(activations.features[s][rows].to(device).float(),
+                                               None if extras is None else extras[k][rows].to(device))
+                             for k, (s, ic) in enumerate(zip(self.ic_stages, self.ics, strict=True))]
+                batch_extras = None if extras is None else [e[rows].to(device) for e in extras]
+                outputs = self.outputs_from_logits(ic_logits, activations.logits[rows].to(device), batch_extras)
+            yield outputs, activations.labels[rows]
 
     def exit_costs(self) -> ExitCosts:
         stage_costs = self.context.stage_costs
