@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from eebench.datasets import Augment
-from eebench.errors import EebenchError
+from eebench.errors import EebenchError, check_writable
 from eebench.model import StagedBackbone
 from eebench.passes import iterate_batches
 from eebench.suite import Recipe
@@ -37,18 +37,6 @@ def _read_meta(meta: Path) -> dict | None:
         return info if {"test_accuracy", "train_seconds", "train_samples"} <= set(info) else None
     except (OSError, ValueError, TypeError):
         return None
-
-
-def _check_cache_writable(folder: Path) -> None:
-    """Fail before training, not after: the trained weights must have somewhere to go."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise EebenchError(f"cannot write the backbone cache there ({exc.strerror}); expected a writable "
-                           "directory (set EEBENCH_CACHE)", where=str(folder), key="EEBENCH_CACHE") from exc
 
 
 def content_hash(payload: dict) -> str:
@@ -174,7 +162,8 @@ def prepare_backbone(
         model.to(device).eval()
         return BaseInfo(digest, info["test_accuracy"], info["train_seconds"], info["train_samples"], True,
                         f"cache {weights}")
-    _check_cache_writable(folder)
+    # fail before training, not after: the trained weights must have somewhere to go
+    check_writable(folder, "EEBENCH_CACHE", "a writable directory for the backbone cache (set EEBENCH_CACHE)")
     torch.manual_seed(seed)
     start = time.perf_counter()
     seen = train_backbone(model, train, recipe, augment=augment, seed=seed, device=device, where=where, key=key)

@@ -20,7 +20,7 @@ from eebench.basenet import BaseInfo, content_hash, prepare_backbone
 from eebench.calibration import build_curve
 from eebench.costs import ExitCosts, StageCosts
 from eebench.datasets import DatasetBundle, dataset_labels, seeded_subset_indices, take
-from eebench.errors import EebenchError
+from eebench.errors import EebenchError, check_writable
 from eebench.model import StagedBackbone
 from eebench.plugins import Registry
 from eebench.results import cell_path, finished, write_atomic
@@ -314,17 +314,6 @@ def construct(factory: Callable[..., Any], where: str, key: str, *args: Any, **p
         raise EebenchError(exc.detail, where=where, key=f"{key} ({exc.key})" if exc.key else key) from exc
     except (TypeError, ValueError) as exc:
         raise EebenchError(f"{exc}; expected valid parameter values", where=where, key=key) from exc
-
-
-def check_writable(run_dir: Path, key: str) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise EebenchError(f"cannot write there ({exc.strerror}); expected a writable directory",
-                           where=str(run_dir), key=key) from exc
 
 
 def run_suite(suite: Suite, registry: Registry, *, suite_path: str, run_dir: Path, device: torch.device,
