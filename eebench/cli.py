@@ -59,10 +59,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
+    from eebench.errors import check_writable
     from eebench.leaderboard import render
     from eebench.plugins import default_registry
     from eebench.progress import console
-    from eebench.runner import check_writable, run_suite
+    from eebench.runner import run_suite
     from eebench.suite import check_plugins, expand, load_suite
 
     suite = load_suite(args.suite)
@@ -90,8 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from eebench.errors import check_writable
     from eebench.leaderboard import render
-    from eebench.runner import check_writable
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "cells").is_dir():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 class EebenchError(Exception):
@@ -31,3 +33,16 @@ def check_writable(directory: Path, key: str, expected: str = "a writable direct
     except OSError as exc:
         raise EebenchError(f"cannot write there ({exc.strerror}); expected {expected}", where=str(directory),
                            key=key) from exc
+
+
+def build_plugin(factory: Callable[..., Any], where: str, key: str, args: tuple = (), params: dict | None = None,
+                 rejects: tuple[type[Exception], ...] = (TypeError, ValueError)) -> Any:
+    """Call a plugin factory; a parameter value it rejects becomes one line naming the suite key."""
+    try:
+        return factory(*args, **(params or {}))
+    except EebenchError as exc:
+        if exc.where:
+            raise
+        raise EebenchError(exc.detail, where=where, key=f"{key} ({exc.key})" if exc.key else key) from exc
+    except rejects as exc:
+        raise EebenchError(f"{exc}; expected valid parameter values", where=where, key=key) from exc

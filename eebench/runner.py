@@ -20,7 +20,7 @@ from eebench.basenet import BaseInfo, content_hash, prepare_backbone
 from eebench.calibration import build_curve
 from eebench.costs import ExitCosts, StageCosts
 from eebench.datasets import DatasetBundle, dataset_labels, seeded_subset_indices, take
-from eebench.errors import EebenchError, check_writable
+from eebench.errors import EebenchError, build_plugin, check_writable
 from eebench.model import StagedBackbone
 from eebench.plugins import Registry
 from eebench.results import cell_path, finished, write_atomic
@@ -93,11 +93,9 @@ class Runner:
         i = self._index(self.suite.backbones, spec)
         factory = self.registry.get("backbones", spec.name, where=self.where, key=f"backbones[{i}].name")
         torch.manual_seed(seed)
-        try:
-            model = factory(bundle.num_classes, bundle.input_shape, **spec.params)
-            return model.to(memory_format=torch.channels_last)
-        except (TypeError, ValueError, RuntimeError) as exc:  # timm raises RuntimeError for an unknown name
-            raise EebenchError(f"{exc}", where=self.where, key=f"backbones[{i}]") from exc
+        model = build_plugin(factory, self.where, f"backbones[{i}]", (bundle.num_classes, bundle.input_shape),
+                             spec.params, rejects=(TypeError, ValueError, RuntimeError))  # timm: RuntimeError
+        return model.to(memory_format=torch.channels_last)
 
     def base(self, cell: Cell, splits: Splits) -> tuple[dict, BaseInfo, StageCosts]:
         payload = {
@@ -151,13 +149,14 @@ class Runner:
         strategy_factory = self.registry.get("exit_strategies", cell.method.name, where=self.where,
                                              key=f"methods[{m}].name")
         torch.manual_seed(cell.seed)
-        strategy = construct(strategy_factory, self.where, f"methods[{m}].params", backbone, context,
-                             **cell.method.params)
+        strategy = build_plugin(strategy_factory, self.where, f"methods[{m}].params", (backbone, context),
+                                cell.method.params)
         for module in strategy.modules():
             module.to(self.device)
         b = self._index(self.suite.budgets, cell.budget)
-        budget = construct(self.registry.get("budgets", cell.budget.name, where=self.where, key=f"budgets[{b}].name"),
-                           self.where, f"budgets[{b}].params", **cell.budget.params)
+        budget = build_plugin(self.registry.get("budgets", cell.budget.name, where=self.where,
+                                                key=f"budgets[{b}].name"),
+                              self.where, f"budgets[{b}].params", params=cell.budget.params)
         budget.bind(len(splits.train))
 
         tick = time.perf_counter()
@@ -302,18 +301,6 @@ def evaluate_operating_points(points: list[OperatingPoint], calibration: list[Ex
                      "exit_counts": on_test.exit_counts[0].tolist(), **({"metrics": extra} if extra else {})},
         })
     return rows
-
-
-def construct(factory: Callable[..., Any], where: str, key: str, *args: Any, **params: Any) -> Any:
-    """Build a plugin object; a rejected parameter value becomes one line naming the suite key."""
-    try:
-        return factory(*args, **params)
-    except EebenchError as exc:
-        if exc.where:
-            raise
-        raise EebenchError(exc.detail, where=where, key=f"{key} ({exc.key})" if exc.key else key) from exc
-    except (TypeError, ValueError) as exc:
-        raise EebenchError(f"{exc}; expected valid parameter values", where=where, key=key) from exc
 
 
 def run_suite(suite: Suite, registry: Registry, *, suite_path: str, run_dir: Path, device: torch.device,

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
-from eebench.errors import EebenchError
+from eebench.errors import EebenchError, build_plugin
 from eebench.plugins import Registry
 
 Strict = ConfigDict(extra="forbid")
@@ -199,11 +199,8 @@ def check_plugins(suite: Suite, registry: Registry, where: str) -> None:
     for i, spec in enumerate(suite.budgets):
         factory = registry.get("budgets", spec.name, where=where, key=f"budgets[{i}].name")
         _check_params(factory, spec.params, 0, where, f"budgets[{i}].params")
-        try:  # budgets are cheap to build: bad values (epochs: 0) fail here, before any training
-            factory(**spec.params)
-        except (TypeError, ValueError) as exc:
-            raise EebenchError(f"{exc}; expected valid parameter values", where=where,
-                               key=f"budgets[{i}].params") from exc
+        # budgets are cheap to build: bad values (epochs: 0) fail here, before any training
+        build_plugin(factory, where, f"budgets[{i}].params", params=spec.params)
     labels = [m.display for m in suite.methods]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
