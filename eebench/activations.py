@@ -5,12 +5,17 @@ ask the context for reduced stage outputs instead of running the backbone themse
 first request for a (base backbone, split, reducer) pays one forward pass, every later one
 - in the same cell or another cell of the run - reads the cache. The backbone must be in
 eval mode and unchanged, which is exactly the frozen-backbone setting.
+
+Anything else a method derives from the frozen backbone on a split (class-mean statistics,
+say) is shared the same way through ``ActivationCache.shared``: the first method to ask
+computes it, every later one with the same name reads it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import Dataset
@@ -19,6 +24,7 @@ from eebench.model import StagedBackbone
 from eebench.passes import iterate_batches
 
 Reducer = Callable[[int, torch.Tensor], torch.Tensor]
+Shared = TypeVar("Shared")
 
 
 @dataclass
@@ -35,13 +41,14 @@ class Activations:
 
 
 class ActivationCache:
-    """In-process store keyed by (base backbone, split, reducer); one per run."""
+    """In-process store keyed by (base backbone, split, name); one per run."""
 
     def __init__(self, storage_dtype: torch.dtype = torch.float16, share: bool = True) -> None:
         self.storage_dtype = storage_dtype
         self.share = share  # False: every request pays its own pass (to measure what sharing saves)
-        self._store: dict[tuple[str, int, str], tuple[Dataset, Activations]] = {}
-        self.forward_samples = 0  # what the cache really cost, summed over the run
+        self._store: dict[tuple[str, int, str], tuple[Dataset, Any]] = {}
+        self.forward_samples = 0  # what the activations really cost, summed over the run
+        self.computed: dict[str, int] = {}  # name -> how many times it was computed (sharing off: every ask)
 
     def get(
         self,
@@ -55,19 +62,29 @@ class ActivationCache:
         device: torch.device | str,
     ) -> tuple[Activations, bool]:
         """Activations of every exit point of ``backbone`` on ``dataset``; (value, was_cached)."""
-        key = (backbone_key, id(dataset), reducer_key)
+        activations, cached = self.shared(
+            backbone_key, dataset, reducer_key, lambda: self._compute(backbone, dataset, reducer, batch_size, device))
+        if not cached:
+            self.forward_samples += len(dataset)
+        return activations, cached
+
+    def shared(self, backbone_key: str, dataset: Dataset, name: str,
+               compute: Callable[[], Shared]) -> tuple[Shared, bool]:
+        """``compute()``'s value for (backbone, ``dataset``, ``name``), computed once per run;
+        (value, was_cached). With sharing off every ask computes its own."""
+        key = (backbone_key, id(dataset), name)
         held = self._store.get(key)
         if held is not None and held[0] is dataset:  # the dataset is held, so its id cannot be reused
             return held[1], True
-        computed = self._compute(backbone, dataset, reducer, batch_size, device)
+        value = compute()
+        self.computed[name] = self.computed.get(name, 0) + 1
         if self.share:
-            self._store[key] = (dataset, computed)
-        self.forward_samples += len(dataset)
-        return computed, False
+            self._store[key] = (dataset, value)
+        return value, False
 
-    def peek(self, backbone_key: str, dataset: Dataset, reducer_key: str) -> Activations | None:
-        """The activations already held for ``dataset`` (None: not computed, or sharing is off)."""
-        held = self._store.get((backbone_key, id(dataset), reducer_key))
+    def peek(self, backbone_key: str, dataset: Dataset, name: str) -> Any | None:
+        """The value already held for ``dataset`` under ``name`` (None: not computed, or sharing is off)."""
+        held = self._store.get((backbone_key, id(dataset), name))
         return held[1] if held is not None and held[0] is dataset else None
 
     def keep_only(self, backbone_key: str) -> None:

@@ -59,6 +59,12 @@ class Budget(ABC):
         """Samples the budget will hand out, when known in advance (for LR schedules)."""
         return None
 
+    def covers(self, samples: int) -> bool:
+        """True when the budget will certainly hand out ``samples`` samples, whatever the clock:
+        a method may then take a result computed on exactly those samples from a shared cache
+        instead of drawing them one batch at a time (it still records them in ``spend``)."""
+        return False
+
     def start(self) -> None:
         if self._started is None:
             self._started = time.perf_counter()
@@ -117,6 +123,9 @@ class TrainingBudget(Budget):
     @property
     def planned_samples(self) -> int | None:
         return self.max_samples
+
+    def covers(self, samples: int) -> bool:
+        return self.max_seconds is None and (self.max_samples is None or self.max_samples >= samples)
 
     def exhausted(self) -> bool:
         if self.max_samples is not None and self.spend.samples >= self.max_samples:

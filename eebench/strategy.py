@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from eebench.activations import ActivationCache, Activations, Reducer
+from eebench.activations import ActivationCache, Activations, Reducer, Shared
 from eebench.budget import Budget
 from eebench.costs import ExitCosts, StageCosts
 from eebench.datasets import Augment
@@ -113,6 +113,18 @@ class ExitStrategy(ABC):
             batch_size=self.context.batch_size, device=self.context.device,
         )
         return activations
+
+    def shared_result(self, dataset: Dataset, name: str, compute: Callable[[], Shared]) -> Shared:
+        """``compute()``'s value for ``dataset``, computed once per run and shared by every method
+        (any cell) that asks for ``name`` on the same *frozen* base backbone.
+
+        For statistics a frozen-backbone method derives from the backbone on a split (E²CM's
+        class means, say): ``name`` must say everything the value depends on besides the
+        backbone and the split, and ``compute`` must not use the method's own trained state.
+        """
+        key = self.context.backbone_key or f"untracked-{id(self.backbone)}"
+        value, _ = self.context.activations.shared(key, dataset, name, compute)
+        return value
 
     def cached_activations(self, dataset: Dataset, reducer_key: str) -> Activations | None:
         """What ``shared_activations`` already holds for ``dataset``, without computing anything."""

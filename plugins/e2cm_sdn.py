@@ -22,16 +22,18 @@ hull over all of them (rule variants).
 
 Spend: the shared activation pass, plus two statistics passes (class means, then eq. 4
 divisors and the training distances), all recorded in ``extra_forward_samples``; the
-budget pays for IC training only. ``seconds`` = IC training (the budget's clock) + the
-two statistics passes (timed separately, as they run before the budget's clock starts;
-kept in ``statistics_seconds``); the shared activation pass is not timed, as in SDN.
+budget pays for IC training only. The statistics passes are the run's shared ones
+(``eebench_plugins.class_means``): E²CM computes the very same numbers, so whichever of the
+two runs first pays for them and the other reads them. ``seconds`` = IC training (the
+budget's clock) + the two statistics passes' wall time, whoever paid for them (kept in
+``statistics_seconds``, so seconds do not depend on cell order); the shared activation
+pass is not timed, as in SDN.
 Exit j costs the backbone through its stage + the IC + the distances K·(3D−1) (+
 max-pooling when the features are pooled), as E²CM counts them.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import torch
@@ -39,8 +41,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from eebench import hookimpl
-from eebench.api import Budget, ExitCosts, ExitOutputs, MethodContext, StagedBackbone, iterate_batches
-from eebench_plugins.e2cm import ClassMeansExit, _pool_side
+from eebench.api import Budget, ExitCosts, ExitOutputs, MethodContext, StagedBackbone
+from eebench_plugins.class_means import build_exits, shared_statistics
 from eebench_plugins.internal_classifiers import ic_reducer
 from eebench_plugins.sdn import REDUCER_KEY, SDN, SDN_FRACTIONS
 
@@ -95,13 +97,13 @@ class E2CMSDN(SDN):
         self.rules, self.grid = list(dict.fromkeys(rules)), int(grid)
         k = context.num_classes
         self.ics = self._build_ics(extra_inputs=k)
-        shapes = context.stage_costs.stage_shapes
-        self.means = nn.ModuleList(
-            ClassMeansExit(shapes[s], k, _pool_side(shapes[s], pool_to, auto_pool_above)) for s in self.ic_stages
-        ).to(context.device)
+        self.pool_to, self.auto_pool_above = pool_to, auto_pool_above
+        built = build_exits(self.ic_stages, context.stage_costs.stage_shapes, k, pool_to, auto_pool_above,
+                            context.device)
+        self.means = nn.ModuleList(built.values())
         # [grid, ICs]: E²CM's threshold at each IC for each rule variant, set by fit
         self.cm_thresholds = torch.zeros(self.grid, len(self.ic_stages), dtype=torch.float64)
-        self.statistics_seconds = 0.0  # wall time of fit's two statistics passes
+        self.statistics_seconds = 0.0  # wall time of the two statistics passes (whoever paid for them)
         self._fit_distances: tuple[Dataset, list[torch.Tensor]] | None = None  # (train split, its distances)
 
     def modules(self) -> list[nn.Module]:
@@ -119,9 +121,7 @@ class E2CMSDN(SDN):
         ctx = self.context
         self.backbone.eval()
         activations = self.shared_activations(train, ic_reducer, REDUCER_KEY)
-        started = time.perf_counter()
         distances = self._class_mean_statistics(train)
-        self.statistics_seconds = time.perf_counter() - started  # before the budget's clock starts
         budget.spend.extra_forward_samples += 3 * len(train)
         budget.spend.training_macs += 3 * len(train) * ctx.stage_costs.total
         self.cm_thresholds = cm_threshold_grid(distances, self.grid)
@@ -130,27 +130,14 @@ class E2CMSDN(SDN):
         self._train_ics(features, activations.labels, budget, extras=[d.float() for d in distances])
         budget.spend.seconds += self.statistics_seconds  # _train_ics set seconds to the budget's clock
 
-    @torch.no_grad()
     def _class_mean_statistics(self, train: Dataset) -> list[torch.Tensor]:
-        """Two passes: class means, then eq. 4 divisors; returns the normalised training distances."""
-        ctx = self.context
-        for x, y in iterate_batches(train, ctx.batch_size, device=ctx.device, description="e2cm+sdn class means"):
-            for means, out in zip(self.means, self._stage_outputs(x), strict=True):
-                means.accumulate(out, y)
-        raw: list[list[torch.Tensor]] = [[] for _ in self.means]
-        for x, _ in iterate_batches(train, ctx.batch_size, device=ctx.device, description="e2cm+sdn distances"):
-            for k, (means, out) in enumerate(zip(self.means, self._stage_outputs(x), strict=True)):
-                raw[k].append(means.distances(out).cpu())
-        normalised = []
-        for means, chunks in zip(self.means, raw, strict=True):
-            d = torch.cat(chunks)
-            divisors = d.mean(0)
-            means.divisors.copy_(torch.where(torch.isfinite(divisors) & (divisors > 0), divisors, 1.0))
-            normalised.append(d / means.divisors.cpu())
-        return normalised
-
-    def _stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [out for _, out in self._walk(x)]
+        """The run's shared class means and eq. 4 divisors (two passes, paid by the first method
+        that asks: E²CM or this); returns the training split's normalised distances at each IC."""
+        statistics = shared_statistics(self, train, self.pool_to, self.auto_pool_above)
+        self.statistics_seconds = statistics.seconds
+        statistics.load_into(dict(zip(self.ic_stages, self.means, strict=True)))
+        return [statistics.distances[s] / means.divisors.cpu()
+                for s, means in zip(self.ic_stages, self.means, strict=True)]
 
     @torch.no_grad()
     def parts(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

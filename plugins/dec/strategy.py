@@ -51,6 +51,7 @@ from eebench.api import (
     iterate_batches,
     softmax_macs,
 )
+from eebench_plugins.class_means import ClassMeansExit
 from eebench_plugins.dec.backbone import DECEncoder, xavier_relu_
 from eebench_plugins.dec.clustering import ClusteringLayer
 from eebench_plugins.dec.loop import Meter, in_chunks, linear_macs
@@ -58,7 +59,6 @@ from eebench_plugins.dec.metrics import ari, cluster_accuracy, hungarian_mapping
 from eebench_plugins.dec.pretrain import pretrain
 from eebench_plugins.dec.recipes import DECRecipe, resolve
 from eebench_plugins.dec.train import init_centres, train_dec
-from eebench_plugins.e2cm import ClassMeansExit
 
 
 def inverse_permutation(mapping: torch.Tensor) -> torch.Tensor:

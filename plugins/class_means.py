@@ -1,0 +1,177 @@
+"""Class means of a frozen backbone's features and E²CM's eq. 4 divisors, computed once per run.
+
+E²CM and E²CM+SDN both need, at every exit they use, the per-class mean of the exit's
+(optionally max-pooled, flattened) features over the training split, the mean distance of
+the training samples to each class mean (eq. 4's divisors) and, for their calibration
+traces, every training sample's distances. That is two passes of the backbone over the
+training split. ``shared_statistics`` computes them for every exit point of the backbone at
+once and puts them in the run's shared cache (``ExitStrategy.shared_result``), so the second
+method (in any cell of the run) pays no pass at all; ``--no-shared-activations`` turns the
+sharing off to measure what it saves.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from eebench.api import ExitStrategy, StagedBackbone, iterate_batches, take
+
+
+def pool_side(shape: tuple[int, ...], pool_to: int | None, auto_pool_above: int | None) -> int | None:
+    """Spatial side to max-pool a [C, H, W] feature to, or None to keep it as it is."""
+    if len(shape) != 3:
+        return None
+    channels, height, _ = shape
+    if pool_to is not None:
+        return pool_to if height > pool_to else None
+    if auto_pool_above is not None and math.prod(shape) > auto_pool_above:
+        return max(1, int(math.sqrt(auto_pool_above / channels)))
+    return None
+
+
+class ClassMeansExit(nn.Module):
+    """Distances from one exit's (pooled, flattened) features to the class means."""
+
+    def __init__(self, feature_shape: tuple[int, ...], num_classes: int, pool: int | None) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveMaxPool2d(pool) if pool else None
+        pooled = (feature_shape[0], pool, pool) if pool else feature_shape
+        self.dim = math.prod(pooled)
+        self.input_numel = math.prod(feature_shape)
+        self.register_buffer("sums", torch.zeros(num_classes, self.dim, dtype=torch.float64))
+        self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.float64))
+        self.register_buffer("divisors", torch.ones(num_classes, dtype=torch.float64))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool is not None:
+            x = self.pool(x)
+        return x.flatten(1).double()
+
+    def accumulate(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        feats = self.features(x)
+        self.sums.index_add_(0, labels, feats)
+        self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+
+    def set_divisors(self, raw_distances: torch.Tensor) -> None:
+        """Eq. 4: the mean distance of the given samples to each class mean (1 where undefined)."""
+        divisors = raw_distances.mean(0).to(self.divisors.device)
+        self.divisors.copy_(torch.where(torch.isfinite(divisors) & (divisors > 0), divisors, 1.0))
+
+    def load(self, sums: torch.Tensor, counts: torch.Tensor, divisors: torch.Tensor) -> None:
+        self.sums.copy_(sums)
+        self.counts.copy_(counts)
+        self.divisors.copy_(divisors)
+
+    @property
+    def means(self) -> torch.Tensor:
+        """Class means [K, D]; a class the budget never showed gets NaN (never predicted)."""
+        return self.sums / self.counts[:, None]
+
+    def distances(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw Euclidean distances [B, K] (float64, via the expanded square)."""
+        feats = self.features(x)
+        means = self.means
+        squared = (feats * feats).sum(1, keepdim=True) - 2 * feats @ means.T + (means * means).sum(1)[None]
+        distance = squared.clamp_min(0).sqrt()
+        return torch.where(torch.isnan(distance), torch.full_like(distance, float("inf")), distance)
+
+    def overhead_macs(self, num_classes: int) -> float:
+        pooling = float(self.input_numel) if self.pool is not None else 0.0
+        return num_classes * (3 * self.dim - 1) + pooling
+
+
+@dataclass
+class ClassMeanStatistics:
+    """What the two passes give, per exit stage: class sums and counts (the means), eq. 4
+    divisors and the raw distances [N, K] of the divisor pass's samples, plus those samples'
+    head logits and labels (so a trace of them costs no further pass). CPU tensors."""
+
+    sums: dict[int, torch.Tensor]
+    counts: torch.Tensor
+    divisors: dict[int, torch.Tensor]
+    distances: dict[int, torch.Tensor]
+    head_logits: torch.Tensor
+    labels: torch.Tensor
+    samples: int  # samples the class means saw (the divisor pass runs over the same ones)
+    seconds: float  # wall time of both passes, whoever paid for them
+
+    def load_into(self, exits: Mapping[int, ClassMeansExit]) -> None:
+        for stage, module in exits.items():
+            module.load(self.sums[stage], self.counts, self.divisors[stage])
+
+
+def build_exits(stages: Iterable[int], feature_shapes: Mapping[int, tuple[int, ...]], num_classes: int,
+                pool_to: int | None, auto_pool_above: int | None,
+                device: torch.device | str) -> dict[int, ClassMeansExit]:
+    """Empty class-mean exits at ``stages``, pooled as ``pool_to`` / ``auto_pool_above`` say."""
+    return {s: ClassMeansExit(feature_shapes[s], num_classes, pool_side(feature_shapes[s], pool_to, auto_pool_above))
+            .to(device) for s in stages}
+
+
+def _stage_outputs(backbone: StagedBackbone, x: torch.Tensor,
+                   wanted: Mapping[int, object]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    outputs, out = {}, x
+    for index, out in backbone.iter_stages(x):
+        if index in wanted:
+            outputs[index] = out
+    return outputs, out
+
+
+@torch.no_grad()
+def compute_statistics(backbone: StagedBackbone, exits: Mapping[int, ClassMeansExit],
+                       batches: Iterable[tuple[torch.Tensor, torch.Tensor]], train: Dataset,
+                       batch_size: int, device: torch.device | str) -> ClassMeanStatistics:
+    """Pass 1 accumulates the class means from ``batches`` (in the order of ``train``); pass 2
+    runs over the samples pass 1 saw, for the divisors and the distances. Fills ``exits``."""
+    started = time.perf_counter()
+    backbone.eval()
+    seen = 0
+    for x, y in batches:
+        outputs, _ = _stage_outputs(backbone, x, exits)
+        for stage, module in exits.items():
+            module.accumulate(outputs[stage], y)
+        seen += int(y.shape[0])
+    subset = take(train, torch.arange(seen)) if seen < len(train) else train
+    raw: dict[int, list[torch.Tensor]] = {s: [] for s in exits}
+    heads, labels = [], []
+    for x, y in iterate_batches(subset, batch_size, device=device, description="class-mean distances"):
+        outputs, last = _stage_outputs(backbone, x, exits)
+        for stage, module in exits.items():
+            raw[stage].append(module.distances(outputs[stage]).cpu())
+        heads.append(backbone.head(last).cpu())
+        labels.append(y.cpu())
+    distances = {s: torch.cat(chunks) for s, chunks in raw.items()}
+    for stage, module in exits.items():
+        module.set_divisors(distances[stage])
+    counts = next(iter(exits.values())).counts.cpu().clone() if exits else torch.zeros(0)
+    return ClassMeanStatistics(
+        sums={s: m.sums.cpu().clone() for s, m in exits.items()}, counts=counts,
+        divisors={s: m.divisors.cpu().clone() for s, m in exits.items()}, distances=distances,
+        head_logits=torch.cat(heads), labels=torch.cat(labels), samples=seen,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def shared_statistics(strategy: ExitStrategy, train: Dataset, pool_to: int | None,
+                      auto_pool_above: int | None) -> ClassMeanStatistics:
+    """Statistics of the whole of ``train`` at every exit point of the strategy's frozen backbone,
+    computed by the first method of the run that asks (with the same pooling) and shared."""
+    ctx = strategy.context
+    backbone = strategy.backbone
+    stages = list(backbone.exit_points)
+    shapes = ctx.stage_costs.stage_shapes
+    sides = ",".join(f"{s}:{pool_side(shapes[s], pool_to, auto_pool_above) or '-'}" for s in stages)
+
+    def compute() -> ClassMeanStatistics:
+        exits = build_exits(stages, shapes, ctx.num_classes, pool_to, auto_pool_above, ctx.device)
+        batches = iterate_batches(train, ctx.batch_size, device=ctx.device, description="class means")
+        return compute_statistics(backbone, exits, batches, train, ctx.batch_size, ctx.device)
+
+    return strategy.shared_result(train, f"class-means[{sides}]", compute)
