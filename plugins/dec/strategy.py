@@ -219,7 +219,7 @@ class DECE2CM(ExitStrategy):
         clusters = []
         for j, exit_module in enumerate(self.exits):
             distances = torch.cat([exit_module.distances(c[j]) for c in chunks])
-            exit_module.divisors.copy_(distances.mean(0))
+            exit_module.set_divisors(distances)
             clusters.append(self._assign(distances, exit_module.divisors).cpu())
         self.truth_maps = torch.stack([hungarian_mapping(c, labels, size) for c in clusters])
         self.to_large = torch.stack([hungarian_mapping(c, clusters[-1], size) for c in clusters])
