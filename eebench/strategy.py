@@ -101,13 +101,17 @@ class ExitStrategy(ABC):
     def exit_costs(self) -> ExitCosts:
         """MACs to reach each exit and each exit's own overhead."""
 
+    def _cache_key(self) -> str:
+        """The run-wide cache's name for this method's frozen base backbone."""
+        return self.context.backbone_key or f"untracked-{id(self.backbone)}"
+
     def shared_activations(self, dataset: Dataset, reducer: Reducer, reducer_key: str) -> Activations:
         """Reduced outputs of every exit point of the *frozen* backbone, shared across methods.
 
         Only for methods that leave the backbone untouched: the cache is keyed by the base
         backbone, so a method that trains the backbone must run it itself.
         """
-        key = self.context.backbone_key or f"untracked-{id(self.backbone)}"
+        key = self._cache_key()
         activations, _ = self.context.activations.get(
             self.backbone, dataset, reducer, backbone_key=key, reducer_key=reducer_key,
             batch_size=self.context.batch_size, device=self.context.device,
@@ -122,13 +126,13 @@ class ExitStrategy(ABC):
         class means, say): ``name`` must say everything the value depends on besides the
         backbone and the split, and ``compute`` must not use the method's own trained state.
         """
-        key = self.context.backbone_key or f"untracked-{id(self.backbone)}"
+        key = self._cache_key()
         value, _ = self.context.activations.shared(key, dataset, name, compute)
         return value
 
     def cached_activations(self, dataset: Dataset, reducer_key: str) -> Activations | None:
         """What ``shared_activations`` already holds for ``dataset``, without computing anything."""
-        key = self.context.backbone_key or f"untracked-{id(self.backbone)}"
+        key = self._cache_key()
         return self.context.activations.peek(key, dataset, reducer_key)
 
     def cached_outputs(self, dataset: Dataset) -> Iterator[tuple[ExitOutputs, torch.Tensor]] | None:

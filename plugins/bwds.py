@@ -100,7 +100,7 @@ from eebench.api import (
     softmax_macs,
 )
 from eebench_plugins.internal_classifiers import ic_reducer
-from eebench_plugins.sdn import LR_DROP_AT, LR_DROP_FACTOR, REDUCER_KEY, SDN, SDN_FRACTIONS, index_dataset
+from eebench_plugins.sdn import REDUCER_KEY, SDN, SDN_FRACTIONS, drop_lr, index_dataset, lr_drop_at
 
 DEFAULT_LAMBDAS = tuple(float(v) for v in torch.logspace(-4, 1, 25, dtype=torch.float64))
 SCHEDULES = ("per-exit", "ics-first")
@@ -362,7 +362,7 @@ class BWDS(SDN):
         lambdas = self.lambdas.to(ctx.device)
         per_sample = self._policy_phase_macs(j)
         ic = self.ics[j]
-        ic_optimizer, drop_at, seen = None, _phase_lr_drop(ic_share, len(labels)), 0
+        ic_optimizer, drop_at, seen = None, lr_drop_at(ic_share, len(labels)), 0
         if train_ic:  # the IC rides along: one CE step per batch, 3 × its MACs per sample (as SDN)
             ic_optimizer = torch.optim.Adam(ic.parameters(), lr=self.lr, weight_decay=self.weight_decay)
             per_sample += 3.0 * self.ic_macs()[j]
@@ -378,8 +378,7 @@ class BWDS(SDN):
                 ic.eval()
                 seen += int(rows.numel())
                 if drop_at is not None and seen >= drop_at:
-                    for group in ic_optimizer.param_groups:
-                        group["lr"] = self.lr * LR_DROP_FACTOR
+                    drop_lr(ic_optimizer, self.lr)
                     drop_at = None
             inputs, losses = self.decision_inputs(rows, features, head_logits, labels, start=j)
             with torch.no_grad():
@@ -423,13 +422,6 @@ class BWDS(SDN):
         features = policy_macs(k) - (k + 2)
         ics = math.fsum(ic.macs() + features for ic in list(self.ics)[j:])
         return ics + variants * (k + 2) * (exits - 1 - j) + 3.0 * variants * (k + 2)
-
-
-def _phase_lr_drop(share: int | None, train_size: int) -> float | None:
-    """Samples into a phase after which its IC's lr drops: 60 % of a share over one epoch."""
-    if share is None or share <= train_size:
-        return None
-    return LR_DROP_AT * share
 
 
 def phase_shares(planned: int | None, train_size: int, phases: int) -> list[int]:

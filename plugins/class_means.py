@@ -102,9 +102,19 @@ class ClassMeanStatistics:
     samples: int  # samples the class means saw (the divisor pass runs over the same ones)
     seconds: float  # wall time of both passes, whoever paid for them
 
+    def normalised(self, stage: int) -> torch.Tensor:
+        """Eq. 4-normalised distances [N, K] at ``stage``: what the exit's softmax reads."""
+        return self.distances[stage] / self.divisors[stage]
+
     def load_into(self, exits: Mapping[int, ClassMeansExit]) -> None:
         for stage, module in exits.items():
             module.load(self.sums[stage], self.counts, self.divisors[stage])
+
+
+def inner_exit_points(backbone: StagedBackbone) -> list[int]:
+    """Exit points before the last stage: the last one feeds the backbone's own head, which is
+    the final exit of E²CM and E²CM+SDN alike, so no class means are kept there."""
+    return [s for s in backbone.exit_points if s != len(backbone.stages) - 1]
 
 
 def build_exits(stages: Iterable[int], feature_shapes: Mapping[int, tuple[int, ...]], num_classes: int,
@@ -161,11 +171,11 @@ def compute_statistics(backbone: StagedBackbone, exits: Mapping[int, ClassMeansE
 
 def shared_statistics(strategy: ExitStrategy, train: Dataset, pool_to: int | None,
                       auto_pool_above: int | None) -> ClassMeanStatistics:
-    """Statistics of the whole of ``train`` at every exit point of the strategy's frozen backbone,
-    computed by the first method of the run that asks (with the same pooling) and shared."""
+    """Statistics of the whole of ``train`` at every inner exit point of the strategy's frozen
+    backbone, computed by the first method of the run that asks (with the same pooling) and shared."""
     ctx = strategy.context
     backbone = strategy.backbone
-    stages = list(backbone.exit_points)
+    stages = inner_exit_points(backbone)
     shapes = ctx.stage_costs.stage_shapes
     sides = ",".join(f"{s}:{pool_side(shapes[s], pool_to, auto_pool_above) or '-'}" for s in stages)
 

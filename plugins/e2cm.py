@@ -41,7 +41,13 @@ from eebench.api import (
     StagedBackbone,
     softmax_macs,
 )
-from eebench_plugins.class_means import ClassMeanStatistics, build_exits, compute_statistics, shared_statistics
+from eebench_plugins.class_means import (
+    ClassMeanStatistics,
+    build_exits,
+    compute_statistics,
+    inner_exit_points,
+    shared_statistics,
+)
 
 
 class E2CM(ExitStrategy):
@@ -64,8 +70,7 @@ class E2CM(ExitStrategy):
         count_softmax: bool = False,
     ) -> None:
         super().__init__(backbone, context)
-        final_stage = len(backbone.stages) - 1
-        self.exit_stages = [s for s in backbone.exit_points if s != final_stage]
+        self.exit_stages = inner_exit_points(backbone)
         self.pool_to, self.auto_pool_above = pool_to, auto_pool_above
         built = build_exits(self.exit_stages, context.stage_costs.stage_shapes, context.num_classes, pool_to,
                             auto_pool_above, context.device)
@@ -114,9 +119,8 @@ class E2CM(ExitStrategy):
             return None
         statistics = self._statistics[1]
         preds, scores = [], []
-        for stage, exit_module in self._by_stage().items():
-            normalised = statistics.distances[stage] / exit_module.divisors.cpu()
-            score, pred = torch.softmax(-normalised, dim=1).max(1)
+        for stage in self.exit_stages:
+            score, pred = torch.softmax(-statistics.normalised(stage), dim=1).max(1)
             preds.append(pred)
             scores.append(score)
         final_scores, final_preds = torch.softmax(statistics.head_logits.double(), dim=1).max(1)

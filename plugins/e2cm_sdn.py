@@ -136,8 +136,7 @@ class E2CMSDN(SDN):
         statistics = shared_statistics(self, train, self.pool_to, self.auto_pool_above)
         self.statistics_seconds = statistics.seconds
         statistics.load_into(dict(zip(self.ic_stages, self.means, strict=True)))
-        return [statistics.distances[s] / means.divisors.cpu()
-                for s, means in zip(self.ic_stages, self.means, strict=True)]
+        return [statistics.normalised(s) for s in self.ic_stages]
 
     @torch.no_grad()
     def parts(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -158,8 +158,7 @@ class SDN(ExitStrategy):
             optimizer.step()
             budget.spend.training_macs += int(y.shape[0]) * per_sample
             if drop_at is not None and budget.spend.samples >= drop_at:
-                for group in optimizer.param_groups:
-                    group["lr"] = self.lr * LR_DROP_FACTOR
+                drop_lr(optimizer, self.lr)
                 drop_at = None
         budget.spend.seconds = budget.elapsed()
         self.ics.eval()
@@ -208,11 +207,11 @@ class SDN(ExitStrategy):
         device, step = self.context.device, self.context.batch_size
         for start in range(0, len(activations), step):
             rows = slice(start, start + step)
+            batch_extras = None if extras is None else [e[rows].to(device) for e in extras]
             with torch.no_grad():
                 ic_logits = [ic.forward_pooled(activations.features[s][rows].to(device).float(),
-                                               None if extras is None else extras[k][rows].to(device))
+                                               None if batch_extras is None else batch_extras[k])
                              for k, (s, ic) in enumerate(zip(self.ic_stages, self.ics, strict=True))]
-                batch_extras = None if extras is None else [e[rows].to(device) for e in extras]
                 outputs = self.outputs_from_logits(ic_logits, activations.logits[rows].to(device), batch_extras)
             yield outputs, activations.labels[rows]
 
@@ -237,12 +236,22 @@ def most_confident_final(preds: torch.Tensor, scores: torch.Tensor) -> tuple[tor
     return preds, scores
 
 
-def _lr_drop_at(budget: Budget, train_size: int) -> float | None:
-    """Samples after which the lr drops: 60 % of the plan, only for plans over one epoch."""
-    planned = budget.planned_samples
+def lr_drop_at(planned: int | None, train_size: int) -> float | None:
+    """Samples after which the lr drops: 60 % of a plan (a budget's, or a BWDS phase's share),
+    only for plans over one epoch."""
     if planned is None or planned <= train_size:
         return None
     return LR_DROP_AT * planned
+
+
+def _lr_drop_at(budget: Budget, train_size: int) -> float | None:
+    return lr_drop_at(budget.planned_samples, train_size)
+
+
+def drop_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The reference's single step decay: every group to ``lr`` × 0.1."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * LR_DROP_FACTOR
 
 
 def _check_params(fractions: Sequence[float], lr: float, weight_decay: float, fallback: str) -> None:
