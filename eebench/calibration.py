@@ -2,8 +2,9 @@
 
 A Calibrator proposes threshold vectors from the calibration trace. The core then keeps the
 upper convex hull of their (cost, accuracy) points on the calibration split and evaluates
-exactly those vectors on the test trace. Accuracy at a cost target phi is the best test
-accuracy among hull vectors whose *calibration* cost is <= phi.
+exactly those vectors on the test trace. The operating point at a cost target phi is chosen
+from the calibration hull alone (``eebench.policy``): a vertex, or the time-sharing mixture of
+the two adjacent vertices whose calibration cost interpolates to phi.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from eebench.costs import ExitCosts
+from eebench.policy import PhiPolicy, select_policy
 from eebench.trace import ExitTrace, thresholds_to_json
 
 
@@ -49,12 +51,6 @@ def upper_hull(cost: torch.Tensor, accuracy: torch.Tensor) -> list[int]:
     return hull[: best + 1]
 
 
-def best_point_under(calibration_cost: list[float], test_accuracy: list[float], target: float) -> int | None:
-    """Index of the most accurate test point among those with calibration cost <= target."""
-    eligible = [i for i, cost in enumerate(calibration_cost) if cost <= target + 1e-12]
-    return max(eligible, key=lambda i: test_accuracy[i]) if eligible else None
-
-
 @dataclass
 class Curve:
     """The hull's threshold vectors with their calibration and test results."""
@@ -68,17 +64,9 @@ class Curve:
     candidates: int
     variants: torch.Tensor | None = None  # [P] index of the rule variant of each point
 
-    def accuracy_at(self, target: float) -> dict[str, float] | None:
-        """Best test point whose calibration cost is <= target (None if none qualifies)."""
-        best = best_point_under(self.calibration_cost.tolist(), self.test_accuracy.tolist(), target)
-        if best is None:
-            return None
-        return {
-            "accuracy": float(self.test_accuracy[best]),
-            "test_cost": float(self.test_cost[best]),
-            "calibration_cost": float(self.calibration_cost[best]),
-            "point": best,
-        }
+    def policy_at(self, target: float) -> PhiPolicy | None:
+        """The operating point at ``target`` chosen from the hull's calibration costs alone."""
+        return select_policy(self.calibration_cost.tolist(), target)
 
     def to_dict(self) -> dict[str, object]:
         return {

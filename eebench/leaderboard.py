@@ -9,15 +9,25 @@ from pathlib import Path
 from typing import Any
 
 import eebench
-from eebench.calibration import best_point_under
 from eebench.errors import EebenchError
 from eebench.results import load_results
 
 PHI_RULE = (
-    "Accuracy at φ is the best **test** accuracy among the threshold vectors on the upper convex hull "
-    "of the **calibration** split whose calibration cost is ≤ φ (thresholds are never chosen on test). "
-    "Costs are MACs counted by fvcore at batch 1, including every evaluated exit's overhead, normalised "
-    "to the plain backbone (= 1.00); a method that evaluates exits can cost more than 1.00."
+    "Accuracy at φ is chosen on the **calibration** split alone and evaluated on test: on the upper convex "
+    "hull of the calibration (cost, accuracy) points, φ on a vertex takes that vertex; φ between two adjacent "
+    "vertices takes their time-sharing mixture whose calibration cost interpolates to exactly φ (each sample "
+    "runs one of the two threshold vectors by a seeded, deterministic per-sample rule); φ beyond the most "
+    "accurate vertex takes that vertex; φ below the cheapest vertex is — . No maximum over test anywhere; the "
+    "cell shows that policy's test accuracy, and the table below it the test cost it paid; corner-only numbers "
+    "stay in the result JSON (`accuracy_at[φ].corner`) for comparison. The hull end is the most accurate "
+    "calibration vertex, evaluated on test."
+)
+COST_RULE = (
+    "Costs are MACs (one multiply-add = 1; FLOPs ≈ 2 × MACs): fvcore counts at batch 1 for the backbone's "
+    "stages and every exit made of modules, and one table of MAC-equivalents in the core (`eebench.costs`) "
+    "for the work fvcore cannot see (distances to class means, softmax, entropy, comparisons, pooling it "
+    "skips), the same for every method. Every evaluated exit's overhead is paid, normalised to the plain "
+    "backbone (= 1.00); a method that evaluates exits can cost more than 1.00."
 )
 
 
@@ -163,7 +173,7 @@ def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
         for label, rows in _group(group, lambda r: _row_label(r, many_budgets)).items():
             cells = []
             for t in columns:
-                values = [_accuracy_under(r, t) for r in rows]
+                values = [_accuracy_at(r, t) for r in rows]
                 cells.append("—" if None in values else _fmt(values))
             end = [r["hull_end"] for r in rows]
             end_cost = statistics.mean(e["test_cost"] for e in end)
@@ -172,6 +182,7 @@ def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
         if base_acc:
             lines.append("| backbone (no early exit) | " + " | ".join(
                 _fmt(base_acc) if t >= 1.0 else "—" for t in columns) + f" | {_fmt(base_acc)} (1.00) | base recipe |")
+        lines += _test_cost_table(group, many_budgets, columns)
         lines += _metrics_table(group, many_budgets, columns)
         figure = leaderboard_dir / _slug(suite_name) / f"{_slug(dataset)}-{_slug(backbone)}.png"
         plot_curves(group, targets, figure, f"{dataset} · {backbone}", many_budgets)
@@ -179,25 +190,28 @@ def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
         lines += _exit_table(group, many_budgets, targets)
         lines += _operating_point_table(group, many_budgets)
     notes = sorted({r["notes"] for r in results if r.get("notes")})
-    lines += ["## Notes", "", f"- {PHI_RULE}"] + [f"- {n}" for n in [*(suite_notes or []), *notes]] + [""]
+    lines += ["## Notes", "", f"- {PHI_RULE}", f"- {COST_RULE}"]
+    lines += [f"- {n}" for n in [*(suite_notes or []), *notes]] + [""]
     path = leaderboard_dir / f"{_slug(suite_name)}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
 
 
-def _accuracy_under(result: dict[str, Any], target: float) -> float | None:
-    curve = result["curve"]
-    best = best_point_under(curve["calibration"]["cost"], curve["test"]["accuracy"], target)
-    return None if best is None else curve["test"]["accuracy"][best]
+def _phi_entry(result: dict[str, Any], target: float) -> dict[str, Any] | None:
+    """The cell's calibration-chosen operating point at ``target`` (see PHI_RULE)."""
+    return result["accuracy_at"].get(f"{target:g}")
+
+
+def _accuracy_at(result: dict[str, Any], target: float) -> float | None:
+    entry = _phi_entry(result, target)
+    return None if entry is None else entry["accuracy"]
 
 
 def _metric_under(result: dict[str, Any], name: str, target: float) -> float | None:
-    """A method's extra test metric at the point that gives its accuracy at ``target``."""
-    curve = result["curve"]
-    values = curve["test"].get("metrics", {}).get(name)
-    best = best_point_under(curve["calibration"]["cost"], curve["test"]["accuracy"], target)
-    return None if values is None or best is None else values[best]
+    """A method's extra test metric of the same policy that gives its accuracy at ``target``."""
+    entry = _phi_entry(result, target)
+    return None if entry is None else entry.get("metrics", {}).get(name)
 
 
 def _fmt_plain(values: list[float | None]) -> str:
@@ -210,6 +224,19 @@ def _fmt_plain(values: list[float | None]) -> str:
 
 def _metric_names(items: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(name for item in items for name in item.get("metrics", {})))
+
+
+def _test_cost_table(group: list[dict[str, Any]], many_budgets: bool, columns: list[float]) -> list[str]:
+    """The test cost each φ policy really paid (its calibration cost is φ, or less at the hull's ends)."""
+    lines = ["", "Test cost of the same policies (normalised MACs; mean over seeds):", "",
+             "| method | " + " | ".join(f"φ={t:.2f}" for t in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label, rows in _group(group, lambda r: _row_label(r, many_budgets)).items():
+        cells = []
+        for t in columns:
+            entries = [_phi_entry(r, t) for r in rows]
+            cells.append("—" if None in entries else f"{statistics.mean(e['test_cost'] for e in entries):.3f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _metrics_table(group: list[dict[str, Any]], many_budgets: bool, columns: list[float]) -> list[str]:
@@ -263,10 +290,10 @@ def _exit_table(group: list[dict[str, Any]], many_budgets: bool, targets: list[f
     target = max(targets)
     lines = [f"Exit distribution at φ={target:.2f} (share of test samples leaving at each exit, first seed):", ""]
     for label, rows in _group(group, lambda r: _row_label(r, many_budgets)).items():
-        at = rows[0]["accuracy_at"].get(f"{target:g}")
+        at = _phi_entry(rows[0], target)
         if not at:
             lines.append(f"- {label}: no calibrated point with cost ≤ {target:.2f}")
             continue
-        counts = rows[0]["curve"]["test"]["exit_counts"][at["point"]]
+        counts = at["exit_counts"]
         lines.append(f"- {label}: {_exit_shares(rows[0]['exits']['names'], counts)}")
     return [*lines, ""]

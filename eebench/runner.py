@@ -17,12 +17,13 @@ import torch
 import eebench
 from eebench.activations import ActivationCache
 from eebench.basenet import BaseInfo, content_hash, prepare_backbone
-from eebench.calibration import build_curve
+from eebench.calibration import Curve, build_curve
 from eebench.costs import ExitCosts, StageCosts
 from eebench.datasets import DatasetBundle, dataset_labels, seeded_subset_indices, take
 from eebench.errors import EebenchError, build_plugin, check_writable
 from eebench.model import StagedBackbone
 from eebench.plugins import Registry
+from eebench.policy import operating_point
 from eebench.results import cell_path, finished, write_atomic
 from eebench.strategy import MethodContext, OperatingPoint
 from eebench.suite import BackboneSpec, Cell, DatasetSpec, Suite, expand
@@ -195,12 +196,8 @@ class Runner:
         curve_metrics = _curve_metrics(strategy.extra_metrics, test_traces, curve.thresholds, curve.variants)
         if curve_metrics:
             curve_dict["test"]["metrics"] = curve_metrics
-        accuracy_at = {}
-        for t in self.suite.targets:
-            at = curve.accuracy_at(t)
-            if at is not None and curve_metrics:
-                at["metrics"] = {name: values[at["point"]] for name, values in curve_metrics.items()}
-            accuracy_at[f"{t:g}"] = at
+        accuracy_at = phi_points(curve, calibration_traces, test_traces, exit_costs, self.suite.targets,
+                                 cell.seed, strategy.extra_metrics if curve_metrics else None)
         phases["calibrate"] = time.perf_counter() - tick
 
         return {
@@ -243,7 +240,9 @@ class Runner:
             "spend": budget.spend.to_dict(),
             "curve": curve_dict,
             "accuracy_at": accuracy_at,
-            "hull_end": {"test_accuracy": float(curve.test_accuracy[-1]), "test_cost": float(curve.test_cost[-1])},
+            "hull_end": {"test_accuracy": float(curve.test_accuracy[-1]), "test_cost": float(curve.test_cost[-1]),
+                         "calibration_accuracy": float(curve.calibration_accuracy[-1]),
+                         "calibration_cost": float(curve.calibration_cost[-1]), "point": len(curve.test_cost) - 1},
             "no_exit": {"test_accuracy": float(no_exit.accuracy[0]), "test_cost": float(no_exit.cost[0]),
                         **({"metrics": no_exit_metrics} if no_exit_metrics else {})},
             "operating_points": operating_points,
@@ -252,6 +251,16 @@ class Runner:
 
 
 Metrics = Callable[[torch.Tensor, torch.Tensor], dict[str, list[float]]]
+
+
+def phi_points(curve: Curve, calibration: list[ExitTrace], test: list[ExitTrace], costs: ExitCosts,
+               targets: list[float], seed: int, metrics: Metrics | None) -> dict[str, dict[str, Any] | None]:
+    """``accuracy_at``: each target's (and φ = 1's) calibration-chosen policy, evaluated on test."""
+    calibration_cost, test_accuracy, test_cost = (curve.calibration_cost.tolist(), curve.test_accuracy.tolist(),
+                                                  curve.test_cost.tolist())
+    return {f"{t:g}": operating_point(curve.thresholds, curve.variants, calibration_cost, calibration, test, costs,
+                                      t, seed, test_accuracy, test_cost, metrics)
+            for t in sorted({*targets, 1.0})}
 
 
 def no_exit_vector(trace: ExitTrace) -> torch.Tensor:

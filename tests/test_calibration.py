@@ -109,11 +109,11 @@ def test_curve_thresholds_come_from_calibration_only() -> None:
     assert torch.allclose(again.cost, curve.calibration_cost) and torch.allclose(again.accuracy,
                                                                                  curve.calibration_accuracy)
     assert bool((curve.calibration_accuracy.diff() >= 0).all())
-    # accuracy at a target reads the calibration cost, never the test cost
+    # the policy at a target reads the calibration costs, never the test split
     target = float(curve.calibration_cost[len(curve.calibration_cost) // 2])
-    chosen = curve.accuracy_at(target)
-    assert chosen["calibration_cost"] <= target + 1e-12
-    assert curve.accuracy_at(float(curve.calibration_cost.min()) / 2) is None
+    chosen = curve.policy_at(target)
+    assert chosen.rule == "vertex" and chosen.points == [len(curve.calibration_cost) // 2]
+    assert curve.policy_at(float(curve.calibration_cost.min()) / 2) is None
 
 
 def test_shared_threshold_uses_one_value_per_vector() -> None:

@@ -153,7 +153,7 @@ def test_installed_plugin_runs_a_suite(installed: Path, tmp_path: Path) -> None:
     for row in curve["thresholds"]:  # one patience value shared by every enabled exit
         assert len({t for t in row if t is not None}) <= 1
     at_half = result["accuracy_at"]["0.5"]
-    assert at_half is not None and 0.0 <= at_half["accuracy"] <= 1.0 and at_half["calibration_cost"] <= 0.5
+    assert at_half is not None and 0.0 <= at_half["accuracy"] <= 1.0 and at_half["planned_cost"] <= 0.5
 
     board = (tmp_path / "boards" / "patience-example.md").read_text()
     assert "| patience |" in board and "| e2cm |" in board
