@@ -9,10 +9,15 @@ eval mode and unchanged, which is exactly the frozen-backbone setting.
 Anything else a method derives from the frozen backbone on a split (class-mean statistics,
 say) is shared the same way through ``ActivationCache.shared``: the first method to ask
 computes it, every later one with the same name reads it.
+
+Every entry keeps the wall seconds its computation took, so the core charges each reader
+(``Budget.read_shared``, via ``ExitStrategy.shared_activations`` / ``shared_result``) the
+same pass at the same price, whichever cell paid for it.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -40,13 +45,23 @@ class Activations:
         return int(self.labels.shape[0])
 
 
+@dataclass(frozen=True)
+class SharedPass:
+    """One read of the cache: the value, whether it was already held, and the wall seconds its
+    computation took (whoever paid for it)."""
+
+    value: Any
+    cached: bool
+    seconds: float
+
+
 class ActivationCache:
     """In-process store keyed by (base backbone, split, name); one per run."""
 
     def __init__(self, storage_dtype: torch.dtype = torch.float16, share: bool = True) -> None:
         self.storage_dtype = storage_dtype
         self.share = share  # False: every request pays its own pass (to measure what sharing saves)
-        self._store: dict[tuple[str, int, str], tuple[Dataset, Any]] = {}
+        self._store: dict[tuple[str, int, str], tuple[Dataset, Any, float]] = {}  # (dataset, value, seconds)
         self.forward_samples = 0  # what the activations really cost, summed over the run
         self.computed: dict[str, int] = {}  # name -> how many times it was computed (sharing off: every ask)
 
@@ -62,25 +77,48 @@ class ActivationCache:
         device: torch.device | str,
     ) -> tuple[Activations, bool]:
         """Activations of every exit point of ``backbone`` on ``dataset``; (value, was_cached)."""
-        activations, cached = self.shared(
+        shared = self.read_activations(backbone, dataset, reducer, backbone_key=backbone_key,
+                                       reducer_key=reducer_key, batch_size=batch_size, device=device)
+        return shared.value, shared.cached
+
+    def read_activations(
+        self,
+        backbone: StagedBackbone,
+        dataset: Dataset,
+        reducer: Reducer,
+        *,
+        backbone_key: str,
+        reducer_key: str,
+        batch_size: int,
+        device: torch.device | str,
+    ) -> SharedPass:
+        """``get`` with the pass's recorded seconds (what ``Budget.read_shared`` charges)."""
+        shared = self.read(
             backbone_key, dataset, reducer_key, lambda: self._compute(backbone, dataset, reducer, batch_size, device))
-        if not cached:
+        if not shared.cached:
             self.forward_samples += len(dataset)
-        return activations, cached
+        return shared
 
     def shared(self, backbone_key: str, dataset: Dataset, name: str,
                compute: Callable[[], Shared]) -> tuple[Shared, bool]:
         """``compute()``'s value for (backbone, ``dataset``, ``name``), computed once per run;
         (value, was_cached). With sharing off every ask computes its own."""
+        shared = self.read(backbone_key, dataset, name, compute)
+        return shared.value, shared.cached
+
+    def read(self, backbone_key: str, dataset: Dataset, name: str, compute: Callable[[], Any]) -> SharedPass:
+        """``shared`` with the seconds the computation took (recorded once, returned to every reader)."""
         key = (backbone_key, id(dataset), name)
         held = self._store.get(key)
         if held is not None and held[0] is dataset:  # the dataset is held, so its id cannot be reused
-            return held[1], True
+            return SharedPass(held[1], True, held[2])
+        started = time.perf_counter()
         value = compute()
+        seconds = time.perf_counter() - started
         self.computed[name] = self.computed.get(name, 0) + 1
         if self.share:
-            self._store[key] = (dataset, value)
-        return value, False
+            self._store[key] = (dataset, value, seconds)
+        return SharedPass(value, False, seconds)
 
     def peek(self, backbone_key: str, dataset: Dataset, name: str) -> Any | None:
         """The value already held for ``dataset`` under ``name`` (None: not computed, or sharing is off)."""

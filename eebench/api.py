@@ -13,9 +13,24 @@ promised to stay stable. Each plugin kind is a factory registered under a name:
 from __future__ import annotations
 
 from eebench.activations import ActivationCache, Activations, Reducer
-from eebench.budget import Budget, Spend, TrainingBudget
+from eebench.budget import BatchStream, Budget, Charge, Spend, TrainingBudget
 from eebench.calibration import Calibrator, upper_hull
-from eebench.costs import ExitCosts, StageCosts, count_macs, softmax_macs
+from eebench.costs import (
+    MAC_EQUIVALENTS,
+    ExitCosts,
+    StageCosts,
+    adaptive_pool_macs,
+    comparison_macs,
+    count_macs,
+    elementwise_macs,
+    entropy_macs,
+    multiply_add_macs,
+    pool_macs,
+    reduction_macs,
+    softmax_macs,
+    sort_macs,
+    squared_distance_macs,
+)
 from eebench.datasets import DatasetBundle, TensorImageDataset, random_crop_flip, take
 from eebench.errors import EebenchError
 from eebench.model import StagedBackbone
@@ -25,10 +40,13 @@ from eebench.strategy import ExitOutputs, ExitStrategy, MethodContext, Operating
 from eebench.trace import ExitTrace, exit_fires
 
 __all__ = [
+    "MAC_EQUIVALENTS",
     "ActivationCache",
     "Activations",
     "Reducer",
+    "BatchStream",
     "Budget",
+    "Charge",
     "Calibrator",
     "DatasetBundle",
     "EebenchError",
@@ -43,12 +61,21 @@ __all__ = [
     "StagedBackbone",
     "TensorImageDataset",
     "TrainingBudget",
+    "adaptive_pool_macs",
+    "comparison_macs",
     "count_macs",
+    "elementwise_macs",
+    "entropy_macs",
     "exit_fires",
     "iterate_batches",
+    "multiply_add_macs",
+    "pool_macs",
     "progress",
     "random_crop_flip",
+    "reduction_macs",
     "softmax_macs",
+    "sort_macs",
+    "squared_distance_macs",
     "take",
     "upper_hull",
 ]

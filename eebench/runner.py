@@ -161,8 +161,15 @@ class Runner:
         budget.bind(len(splits.train))
 
         tick = time.perf_counter()
+        budget.start()
         strategy.fit(splits.train, budget)
+        budget.finish()
         phases["fit"] = time.perf_counter() - tick
+        overspent = budget.overspent()  # spend ≤ budget, at the budget's granularity (eebench.budget)
+        if overspent:
+            named = cell.method.display if cell.method.display == cell.method.name else \
+                f"{cell.method.display}' ('{cell.method.name}"
+            raise EebenchError(f"method '{named}' {overspent}", where=self.where, key=f"methods[{m}]")
 
         tick = time.perf_counter()
         calibration_traces = [strategy.calibration_view(trace) for trace in compute_traces(
@@ -209,7 +216,8 @@ class Runner:
             "dataset": cell.dataset.display,
             "backbone": cell.backbone.display,
             "method": cell.method.display,
-            "budget": {"name": cell.budget.name, "params": cell.budget.params, "label": budget.describe()},
+            "budget": {"name": cell.budget.name, "params": cell.budget.params, "label": budget.describe(),
+                       "limits": budget.limits(), "utilisation": budget.utilisation()},
             "seed": cell.seed,
             "calibrator": calibrator_name,
             "calibration_split": splits.calibration_name,

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from eebench.activations import ActivationCache, Activations, Reducer, Shared
-from eebench.budget import Budget
+from eebench.budget import Budget, Charge
 from eebench.costs import ExitCosts, StageCosts
 from eebench.datasets import Augment
 from eebench.model import StagedBackbone
@@ -105,30 +105,36 @@ class ExitStrategy(ABC):
         """The run-wide cache's name for this method's frozen base backbone."""
         return self.context.backbone_key or f"untracked-{id(self.backbone)}"
 
-    def shared_activations(self, dataset: Dataset, reducer: Reducer, reducer_key: str) -> Activations:
+    def shared_activations(self, dataset: Dataset, reducer: Reducer, reducer_key: str, budget: Budget) -> Activations:
         """Reduced outputs of every exit point of the *frozen* backbone, shared across methods.
 
         Only for methods that leave the backbone untouched: the cache is keyed by the base
-        backbone, so a method that trains the backbone must run it itself.
+        backbone, so a method that trains the backbone must run it itself. The core charges
+        ``budget`` the pass as if the method ran it alone, whoever paid for it: ``len(dataset)``
+        extra forward samples, that many full-backbone forward MACs, and the pass's seconds.
         """
         key = self._cache_key()
-        activations, _ = self.context.activations.get(
+        size = len(dataset)
+        charge = Charge(forward_samples=size, macs=size * self.context.stage_costs.total)
+        return budget.read_shared(lambda: self.context.activations.read_activations(
             self.backbone, dataset, reducer, backbone_key=key, reducer_key=reducer_key,
             batch_size=self.context.batch_size, device=self.context.device,
-        )
-        return activations
+        ), charge)
 
-    def shared_result(self, dataset: Dataset, name: str, compute: Callable[[], Shared]) -> Shared:
+    def shared_result(self, dataset: Dataset, name: str, compute: Callable[[], Shared], budget: Budget,
+                      charge: Charge) -> Shared:
         """``compute()``'s value for ``dataset``, computed once per run and shared by every method
         (any cell) that asks for ``name`` on the same *frozen* base backbone.
 
         For statistics a frozen-backbone method derives from the backbone on a split (E²CM's
         class means, say): ``name`` must say everything the value depends on besides the
         backbone and the split, and ``compute`` must not use the method's own trained state.
+        The core charges ``budget`` what ``charge`` says the passes cost the method (training
+        samples count against a samples budget, so take a whole-split result only when
+        ``budget.covers(len(dataset))``), plus the passes' recorded seconds, whoever paid them.
         """
         key = self._cache_key()
-        value, _ = self.context.activations.shared(key, dataset, name, compute)
-        return value
+        return budget.read_shared(lambda: self.context.activations.read(key, dataset, name, compute), charge)
 
     def cached_activations(self, dataset: Dataset, reducer_key: str) -> Activations | None:
         """What ``shared_activations`` already holds for ``dataset``, without computing anything."""

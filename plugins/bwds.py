@@ -66,11 +66,14 @@ policy left at zero never exits at 0.5; the calibrator may still turn it on or o
 wholesale).
 
 Costs (MACs at batch 1). Exit j pays the backbone through its stage + its IC
-(``InternalClassifier.macs``) + its policy:
+(``InternalClassifier.macs``, counted by the core on the module) + its policy, its inputs
+priced by the core's cost table (``eebench.costs``) and its linear part counted as a module:
 
-    policy MACs = K·ceil(log2 K) (sort) + 3K (softmax) + 3K (entropy) + (K+2) (linear),
+    policy MACs = K·ceil(log2 K) (sort) + 3K (softmax) + 2K (entropy) + 1 (÷ ln K)
+                  + (K+2) (one λ's Linear(K+2, 1)),
 
-cumulatively over the exits evaluated so far; the final exit is the plain backbone with no
+cumulatively over the exits evaluated so far (the sigmoid and its threshold test are the
+exit's decision, uncounted as for every method); the final exit is the plain backbone with no
 overhead of its own. Spend: the shared activation pass as SDN (``extra_forward_samples``
 = training size, N × backbone MACs); IC training as SDN, 3 × IC MACs per sample and IC
 trained (per-exit: 3 × IC j in phase j; ics-first: 3 × Σ IC MACs in the IC phase); policy
@@ -80,6 +83,7 @@ and 3 × Λ × (K+2) for the trained policy (forward + a backward taken as twice
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 
@@ -90,6 +94,7 @@ from torch.utils.data import Dataset
 
 from eebench import hookimpl
 from eebench.api import (
+    BatchStream,
     Budget,
     EebenchError,
     ExitCosts,
@@ -97,7 +102,11 @@ from eebench.api import (
     MethodContext,
     Spend,
     StagedBackbone,
+    count_macs,
+    elementwise_macs,
+    entropy_macs,
     softmax_macs,
+    sort_macs,
 )
 from eebench_plugins.internal_classifiers import ic_reducer
 from eebench_plugins.sdn import REDUCER_KEY, SDN, SDN_FRACTIONS, drop_lr, index_dataset, lr_drop_at
@@ -116,11 +125,21 @@ def policy_inputs(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat([ordered, entropy, ordered[:, :1]], dim=1)
 
 
-def policy_macs(num_classes: int) -> float:
-    """One decision function at batch 1: sort K·ceil(log2 K) + softmax 3K + entropy 3K + linear K+2."""
+def policy_feature_macs(num_classes: int) -> float:
+    """The K+2 policy inputs of one exit at batch 1, from the core's cost table: the softmax (3K),
+    its sort (K·⌈log2 K⌉ comparisons), its entropy (2K) divided by ln K (1); the max
+    probability repeats the first sorted value (free)."""
     k = int(num_classes)
-    sort = k * math.ceil(math.log2(k)) if k > 1 else 0
-    return float(sort) + softmax_macs(k) + 3.0 * k + float(k + 2)
+    return softmax_macs(k) + sort_macs(k) + entropy_macs(k) + elementwise_macs(1)
+
+
+@functools.cache
+def policy_macs(num_classes: int) -> float:
+    """One decision function at batch 1: its inputs (``policy_feature_macs``) + one λ variant's
+    logistic regression on them, a Linear(K+2, 1) counted by the core (K+2)."""
+    k = int(num_classes)
+    linear = nn.utils.skip_init(nn.Linear, k + 2, 1)  # no initialisation: the global RNG stays untouched
+    return policy_feature_macs(k) + count_macs(linear, torch.zeros(1, k + 2))
 
 
 def exit_values(losses: torch.Tensor, costs: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
@@ -179,49 +198,36 @@ class DecisionFunctions(nn.Module):
 
 
 class PhasedBatches:
-    """One budget iterator shared by consecutive training phases.
+    """One budget stream (``BatchStream``) shared by consecutive training phases, with a log.
 
-    ``take(share)`` yields batches until ``share`` samples have gone to the phase (a batch
-    crossing the boundary is split; the rest opens the next phase), or the budget ends.
+    ``take(share, phase, macs_per_sample)`` yields batches until ``share`` samples have gone to
+    the phase (the core splits a batch crossing the boundary; the rest opens the next phase),
+    or the budget ends; the core charges the phase's training MACs per sample.
     """
 
-    def __init__(self, stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(self, stream: BatchStream) -> None:
         self._stream = stream
-        self._carry: tuple[torch.Tensor, torch.Tensor] | None = None
         self.log: list[tuple[str, int]] = []  # (phase, samples it received), in order
 
-    def take(self, share: int, phase: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def take(self, share: int, phase: str,
+             macs_per_sample: float = 0.0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.log.append((phase, 0))
-        left = int(share)
-        while left > 0:
-            if self._carry is not None:
-                (x, y), self._carry = self._carry, None
-            else:
-                item = next(self._stream, None)
-                if item is None:
-                    return
-                x, y = item
-            if int(y.shape[0]) > left:
-                self._carry = (x[left:], y[left:])
-                x, y = x[:left], y[:left]
-            left -= int(y.shape[0])
+        for x, y in self._stream.take(share, macs_per_sample=macs_per_sample):
             self.log[-1] = (phase, self.log[-1][1] + int(y.shape[0]))
             yield x, y
 
     def close(self) -> None:
-        close = getattr(self._stream, "close", None)
-        if close is not None:
-            close()
+        self._stream.close()
 
 
 class _PhaseBudget:
-    """The budget as ``SDN._train_ics`` sees it during the ics-first IC phase: that phase's batches,
-    its share as the plan (for the lr drop), the real budget's spend and clock."""
+    """The budget as ``SDN._train_ics`` sees it during the ics-first IC phase: that phase's batches
+    (charged at the rate ``_train_ics`` asks for), its share as the plan (for the lr drop), the
+    real budget's spend and clock."""
 
-    def __init__(self, budget: Budget, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-                 share: int | None) -> None:
-        self._budget, self._batches = budget, batches
-        self.planned_samples = share
+    def __init__(self, budget: Budget, phases: PhasedBatches, share: int, planned: int | None) -> None:
+        self._budget, self._phases, self._share = budget, phases, share
+        self.planned_samples = planned
 
     @property
     def spend(self) -> Spend:
@@ -230,8 +236,9 @@ class _PhaseBudget:
     def elapsed(self) -> float:
         return self._budget.elapsed()
 
-    def batches(self, *args: object, **kwargs: object) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self._batches
+    def batches(self, *args: object, macs_per_sample: float = 0.0,
+                **kwargs: object) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._phases.take(self._share, "ics", macs_per_sample)
 
 
 class BWDS(SDN):
@@ -318,9 +325,7 @@ class BWDS(SDN):
             return  # the backbone's head is the only exit: nothing to decide
         ctx = self.context
         self.backbone.eval()
-        activations = self.shared_activations(train, ic_reducer, REDUCER_KEY)
-        budget.spend.extra_forward_samples += len(activations)
-        budget.spend.training_macs += len(activations) * ctx.stage_costs.total
+        activations = self.shared_activations(train, ic_reducer, REDUCER_KEY, budget)
         features = [activations.features[s] for s in self.ic_stages]
         labels, head_logits = activations.labels, activations.logits
         exits = len(self.ic_stages)
@@ -334,16 +339,20 @@ class BWDS(SDN):
             if not per_exit:  # ics-first: every IC first, as SDN, then the policies with the ICs frozen
                 ic_share, shares = shares[0], shares[1:]
                 self._train_ics(features, labels,
-                                _PhaseBudget(budget, stream.take(ic_share, "ics"), ic_share if planned else None))
+                                _PhaseBudget(budget, stream, ic_share, ic_share if planned else None))
             for j in range(exits - 1, -1, -1):  # backwards: the last IC's policy first
                 share = shares[exits - 1 - j]
                 name = f"ic{j}+policy{j}" if per_exit else f"policy{j}"
-                self._train_policy(j, stream.take(share, name), features, head_logits, labels, budget,
+                batches = stream.take(share, name, self._policy_phase_rate(j, train_ic=per_exit))
+                self._train_policy(j, batches, features, head_logits, labels, budget,
                                    train_ic=per_exit, ic_share=share if planned else None)
         finally:
             stream.close()
-            budget.spend.seconds = budget.elapsed()
         self.ics.eval()
+
+    def _policy_phase_rate(self, j: int, train_ic: bool) -> float:
+        """Training MACs per sample of policy phase j, the IC's 3 × MACs too when it rides along."""
+        return self._policy_phase_macs(j) + (3.0 * self.ic_macs()[j] if train_ic else 0.0)
 
     def _train_policy(self, j: int, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
                       features: list[torch.Tensor], head_logits: torch.Tensor, labels: torch.Tensor,
@@ -352,7 +361,8 @@ class BWDS(SDN):
 
         With ``train_ic`` (schedule per-exit) each batch first takes one CE step on IC j, and
         γ_j's inputs and targets come from the updated IC. ``ic_share``: the phase's planned
-        samples (None without a plan), for the IC's lr drop.
+        samples (None without a plan), for the IC's lr drop. ``batches`` come from the cell's
+        ``budget``, which charges the phase's training MACs as it hands them out.
         """
         ctx = self.context
         self.ics.eval()
@@ -360,12 +370,10 @@ class BWDS(SDN):
         optimizer = torch.optim.Adam([policy.weight[j], policy.bias[j]], lr=self.policy_lr)
         costs = self.exit_costs().normalised()
         lambdas = self.lambdas.to(ctx.device)
-        per_sample = self._policy_phase_macs(j)
         ic = self.ics[j]
         ic_optimizer, drop_at, seen = None, lr_drop_at(ic_share, len(labels)), 0
         if train_ic:  # the IC rides along: one CE step per batch, 3 × its MACs per sample (as SDN)
             ic_optimizer = torch.optim.Adam(ic.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-            per_sample += 3.0 * self.ic_macs()[j]
         for x, y in batches:
             rows = x.view(-1).long()
             if ic_optimizer is not None:
@@ -391,8 +399,6 @@ class BWDS(SDN):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            budget.spend.training_macs += int(rows.numel()) * per_sample
-        budget.spend.seconds = budget.elapsed()
 
     @torch.no_grad()
     def decision_inputs(self, rows: torch.Tensor, features: list[torch.Tensor], head_logits: torch.Tensor,

@@ -35,8 +35,11 @@ for the suite's budget (``from_scratch: true`` starts from initialisation), with
 (lr 0.02, momentum 0.9, wd 5e-4, as the VGG config) under a cosine decay over the
 budget's planned samples instead of the 200-epoch multistep schedule; heads at every exit
 point but the last stage (``exit_stages`` to choose), as the VGG-small config puts one
-after every layer; costs are fvcore/analytic MACs of the backbone plus every evaluated
-head (pooling C·H·W + Linear), not the reference's pruning-aware counter.
+after every layer; costs are MACs of the backbone plus every evaluated head, counted by the
+core on the head module (``count_macs``: the adaptive average pool, one per input value
+C·H·W, + Linear), not the reference's pruning-aware counter; the
+exclusion test itself (sigmoids, the comparisons against β·max, the alive-set update) is the
+exit's decision, uncounted as every method's threshold test is.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from eebench.api import (
     ExitTrace,
     MethodContext,
     StagedBackbone,
+    count_macs,
     iterate_batches,
 )
 
@@ -76,14 +80,15 @@ class ExclusionHead(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(self.expansion) if len(shape) == 3 else nn.Identity()
         width = channels * self.expansion**2 if len(shape) == 3 else math.prod(shape)
         self.linear = nn.Linear(width, num_classes)
+        self._macs = count_macs(self, torch.zeros(1, *self.shape))  # at batch 1, on CPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(torch.flatten(self.pool(x), 1))
 
     def macs(self) -> float:
-        """Pooling reads every input value once, then the Linear (fvcore's in·out)."""
-        pooling = math.prod(self.shape) if len(self.shape) == 3 else 0
-        return float(pooling + self.linear.in_features * self.linear.out_features)
+        """MACs at batch 1 by the core's counter (``count_macs`` on this head when it was built:
+        pooling + Linear)."""
+        return self._macs
 
 
 def exclusion_outcome(scores: torch.Tensor, final_logits: torch.Tensor, betas: torch.Tensor,
@@ -230,7 +235,7 @@ class ClassExclusion(ExitStrategy):
         seen = 0
         per_sample = 3 * (ctx.stage_costs.total + sum(h.macs() for h in self.heads))  # forward + 2x backward
         for x, y in budget.batches(train, ctx.train_batch_size, device=ctx.device, augment=ctx.augment,
-                                   seed=ctx.seed, description="class exclusion"):
+                                   seed=ctx.seed, description="class exclusion", macs_per_sample=per_sample):
             if planned:
                 for group in optimizer.param_groups:
                     group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * min(seen / planned, 1.0)))
@@ -242,7 +247,6 @@ class ClassExclusion(ExitStrategy):
             loss.backward()
             optimizer.step()
             seen += int(y.shape[0])
-            budget.spend.training_macs += int(y.shape[0]) * per_sample
         self.eval()
 
     @torch.no_grad()

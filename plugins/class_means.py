@@ -7,21 +7,36 @@ traces, every training sample's distances. That is two passes of the backbone ov
 training split. ``shared_statistics`` computes them for every exit point of the backbone at
 once and puts them in the run's shared cache (``ExitStrategy.shared_result``), so the second
 method (in any cell of the run) pays no pass at all; ``--no-shared-activations`` turns the
-sharing off to measure what it saves.
+sharing off to measure what it saves. The shared statistics cover the whole split, so a
+method takes them only when its budget certainly hands out that split (``Budget.covers``);
+otherwise it computes its own with ``compute_statistics`` from batches its budget hands out
+(E²CM's ``Budget.batches``, E²CM+SDN's ``Budget.statistics_batches``: the same first samples
+in the same order) and a second pass its budget charges (``Budget.forward_batches``).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from eebench.api import ExitStrategy, StagedBackbone, iterate_batches, take
+from eebench.api import (
+    Budget,
+    Charge,
+    ExitStrategy,
+    StagedBackbone,
+    count_macs,
+    elementwise_macs,
+    iterate_batches,
+    multiply_add_macs,
+    squared_distance_macs,
+    take,
+)
 
 
 def pool_side(shape: tuple[int, ...], pool_to: int | None, auto_pool_above: int | None) -> int | None:
@@ -45,6 +60,8 @@ class ClassMeansExit(nn.Module):
         pooled = (feature_shape[0], pool, pool) if pool else feature_shape
         self.dim = math.prod(pooled)
         self.input_numel = math.prod(feature_shape)
+        # the pool's MACs at batch 1 (adaptive max-pooling: one per input value, from the core's cost table)
+        self.pool_macs = count_macs(self.pool, torch.zeros(1, *feature_shape)) if self.pool is not None else 0.0
         self.register_buffer("sums", torch.zeros(num_classes, self.dim, dtype=torch.float64))
         self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.float64))
         self.register_buffer("divisors", torch.ones(num_classes, dtype=torch.float64))
@@ -83,8 +100,14 @@ class ClassMeansExit(nn.Module):
         return torch.where(torch.isnan(distance), torch.full_like(distance, float("inf")), distance)
 
     def overhead_macs(self, num_classes: int) -> float:
-        pooling = float(self.input_numel) if self.pool is not None else 0.0
-        return num_classes * (3 * self.dim - 1) + pooling
+        """MACs of ``distances`` and eq. 4's division for one sample, in the core's cost table:
+        the max-pool when the features are pooled (``pool_macs``), the squared distances to the
+        K means via the expansion (D·K + K), ‖x‖² for the true distance (D multiply-adds, added
+        to each of the K: K), then the square root and the division by the divisor (2K). The
+        softmax that reads them is the caller's (``count_softmax``)."""
+        k = int(num_classes)
+        norm = multiply_add_macs(self.dim) + elementwise_macs(k)
+        return self.pool_macs + squared_distance_macs(self.dim, k) + norm + elementwise_macs(2 * k)
 
 
 @dataclass
@@ -99,7 +122,7 @@ class ClassMeanStatistics:
     distances: dict[int, torch.Tensor]
     head_logits: torch.Tensor
     labels: torch.Tensor
-    samples: int  # samples the class means saw (the divisor pass runs over the same ones)
+    samples: int  # samples the class means saw (the divisors come from the same ones)
     seconds: float  # wall time of both passes, whoever paid for them
 
     def normalised(self, stage: int) -> torch.Tensor:
@@ -137,9 +160,16 @@ def _stage_outputs(backbone: StagedBackbone, x: torch.Tensor,
 @torch.no_grad()
 def compute_statistics(backbone: StagedBackbone, exits: Mapping[int, ClassMeansExit],
                        batches: Iterable[tuple[torch.Tensor, torch.Tensor]], train: Dataset,
-                       batch_size: int, device: torch.device | str) -> ClassMeanStatistics:
-    """Pass 1 accumulates the class means from ``batches`` (in the order of ``train``); pass 2
-    runs over the samples pass 1 saw, for the divisors and the distances. Fills ``exits``."""
+                       batch_size: int, device: torch.device | str, *,
+                       second_pass: Callable[[Dataset], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+                       distances_of_all: bool = False) -> ClassMeanStatistics:
+    """Pass 1 accumulates the class means from ``batches`` (the first samples of ``train``, in
+    order); pass 2 runs over the samples pass 1 saw (``distances_of_all``: over all of ``train``,
+    for a method that needs every training sample's distances), for the distances, and the
+    divisors come from the samples pass 1 saw. ``second_pass(dataset)`` yields pass 2's batches
+    (a budget's ``forward_batches``; default a plain pass, for the shared statistics, whose
+    reader the core charges). A pass 2 cut short by the clock gives divisors from what it saw.
+    Fills ``exits``."""
     started = time.perf_counter()
     backbone.eval()
     seen = 0
@@ -148,31 +178,38 @@ def compute_statistics(backbone: StagedBackbone, exits: Mapping[int, ClassMeansE
         for stage, module in exits.items():
             module.accumulate(outputs[stage], y)
         seen += int(y.shape[0])
-    subset = take(train, torch.arange(seen)) if seen < len(train) else train
+    subset = take(train, torch.arange(seen)) if seen < len(train) and not distances_of_all else train
+    if second_pass is None:
+        def second_pass(data: Dataset) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+            return iterate_batches(data, batch_size, device=device, description="class-mean distances")
     raw: dict[int, list[torch.Tensor]] = {s: [] for s in exits}
     heads, labels = [], []
-    for x, y in iterate_batches(subset, batch_size, device=device, description="class-mean distances"):
+    for x, y in second_pass(subset):
         outputs, last = _stage_outputs(backbone, x, exits)
         for stage, module in exits.items():
             raw[stage].append(module.distances(outputs[stage]).cpu())
         heads.append(backbone.head(last).cpu())
         labels.append(y.cpu())
-    distances = {s: torch.cat(chunks) for s, chunks in raw.items()}
+    k = next(iter(exits.values())).counts.shape[0] if exits else 0
+    none = torch.empty(0, k, dtype=torch.float64)  # a pass 2 the clock stopped before its first batch
+    distances = {s: torch.cat(chunks) if chunks else none for s, chunks in raw.items()}
     for stage, module in exits.items():
-        module.set_divisors(distances[stage])
+        module.set_divisors(distances[stage][:seen])
     counts = next(iter(exits.values())).counts.cpu().clone() if exits else torch.zeros(0)
     return ClassMeanStatistics(
         sums={s: m.sums.cpu().clone() for s, m in exits.items()}, counts=counts,
         divisors={s: m.divisors.cpu().clone() for s, m in exits.items()}, distances=distances,
-        head_logits=torch.cat(heads), labels=torch.cat(labels), samples=seen,
-        seconds=time.perf_counter() - started,
+        head_logits=torch.cat(heads) if heads else torch.empty(0), labels=torch.cat(labels) if labels else
+        torch.empty(0, dtype=torch.long), samples=seen, seconds=time.perf_counter() - started,
     )
 
 
 def shared_statistics(strategy: ExitStrategy, train: Dataset, pool_to: int | None,
-                      auto_pool_above: int | None) -> ClassMeanStatistics:
+                      auto_pool_above: int | None, budget: Budget, charge: Charge) -> ClassMeanStatistics:
     """Statistics of the whole of ``train`` at every inner exit point of the strategy's frozen
-    backbone, computed by the first method of the run that asks (with the same pooling) and shared."""
+    backbone, computed by the first method of the run that asks (with the same pooling) and shared;
+    the core charges ``budget`` what ``charge`` says the two passes cost the method, plus their
+    recorded seconds. Only when ``budget.covers(len(train))``."""
     ctx = strategy.context
     backbone = strategy.backbone
     stages = inner_exit_points(backbone)
@@ -184,4 +221,4 @@ def shared_statistics(strategy: ExitStrategy, train: Dataset, pool_to: int | Non
         batches = iterate_batches(train, ctx.batch_size, device=ctx.device, description="class means")
         return compute_statistics(backbone, exits, batches, train, ctx.batch_size, ctx.device)
 
-    return strategy.shared_result(train, f"class-means[{sides}]", compute)
+    return strategy.shared_result(train, f"class-means[{sides}]", compute, budget, charge)

@@ -4,10 +4,18 @@ No gradient training: one streaming pass over the (un-augmented) training split 
 per-class mean of every exit's feature tensor (float64 running sums). A second pass gives
 the eq. 4 divisors: the mean over all training samples of the distance to each class mean.
 Both passes live in ``eebench_plugins.class_means``: when the budget covers the whole
-training split they are computed once per run and shared with E²CM+SDN (whichever cell
-comes first pays; each records the passes and their seconds as its own spend, so results
-do not depend on cell order). A smaller or timed budget draws its batches itself, at most
-one epoch (the class means need one pass; the rest of a larger budget is left unspent).
+training split (``Budget.covers``) they are computed once per run and shared with E²CM+SDN
+(whichever cell comes first pays; the core charges each reader the passes and their
+seconds, so results do not depend on cell order). A smaller or timed budget hands out the
+class-mean batches itself (``Budget.batches``, unshuffled, at most one epoch: the class
+means need one pass; the rest of a larger budget is left unspent), and the divisor pass
+over those samples is a forward pass the budget charges (``Budget.forward_batches``).
+
+Spend: the class-mean samples are the training samples (one epoch at most); the divisor
+pass is extra forward samples; training MACs = both passes × the full backbone. Under a
+clock the class-mean batches stop early enough to leave the divisor pass the time they took
+(``followup_passes=1``), and a divisor pass the clock still cuts short gives divisors from
+the samples it reached.
 At inference exit j predicts argmin of the normalised distances and exits when the max of
 softmax(-distances) is strictly greater than T_j. Exits sit after every residual block; the
 last exit is the backbone's own classifier, so the full-cost end is the plain backbone.
@@ -15,9 +23,11 @@ last exit is the backbone's own classifier, so the full-cost end is the plain ba
 Deviations, all documented in the leaderboard notes:
 - the divisor pass is a second forward pass over the samples the class means saw (the
   paper counts only the class-means pass as training); it is recorded as extra spend;
-- the distance overhead is counted as K*(3D-1) MACs per evaluated exit as in the E2CM code
-  (D subtractions, D squarings, D-1 additions per class), plus the max-pooling comparisons
-  when ``pool_to`` is used; the softmax (~3K) is added only with ``count_softmax``;
+- the distance overhead is priced in MACs by the core's cost table (``eebench.costs``), not
+  as the E2CM code's K*(3D-1) elementary operations: D·K + K for the squared distances via
+  the expansion, D + K for ‖x‖², 2K for the square root and eq. 4's division, plus the
+  adaptive max-pool (one per input value) when the features are pooled
+  (``ClassMeansExit.overhead_macs``); the softmax (3K) only with ``count_softmax``;
 - features larger than ``auto_pool_above`` values are max-pooled (paper Sec. IV-B).
 """
 
@@ -33,6 +43,7 @@ from torch.utils.data import Dataset
 from eebench import hookimpl
 from eebench.api import (
     Budget,
+    Charge,
     ExitCosts,
     ExitOutputs,
     ExitStrategy,
@@ -56,7 +67,9 @@ class E2CM(ExitStrategy):
     strict = True
     default_calibrator = "per-exit-bisection"
     notes = (
-        "E²CM: exits after every residual block; overhead K·(3D−1) MACs per evaluated exit; "
+        "E²CM: exits after every residual block; overhead per evaluated exit = the distances to the K class means "
+        "in MACs (D·K + D + 4K, plus any max-pool, from the core's cost table; the paper counts K·(3D−1) "
+        "elementary operations); "
         "eq. 4 divisors from a second forward pass over the budgeted training samples (recorded as extra spend); "
         "both passes shared with E²CM+SDN when the budget covers the training split (seconds = the passes' time)."
     )
@@ -96,22 +109,28 @@ class E2CM(ExitStrategy):
         self.eval()
         ctx = self.context
         size = len(train)
+        total = ctx.stage_costs.total
         if budget.covers(size):  # the whole split: the run's shared statistics (computed here if first)
-            statistics = shared_statistics(self, train, self.pool_to, self.auto_pool_above)
+            charge = Charge(samples=size, batches=math.ceil(size / ctx.batch_size), forward_samples=size,
+                            macs=2 * size * total)  # class means (training) + the divisor pass (extra)
+            statistics = shared_statistics(self, train, self.pool_to, self.auto_pool_above, budget, charge)
             statistics.load_into(self._by_stage())
-            budget.spend.samples += size
-            budget.spend.batches += math.ceil(size / ctx.batch_size)
-            budget.spend.seconds = statistics.seconds
         else:
             batches = budget.batches(train, ctx.batch_size, device=ctx.device, shuffle=False, seed=ctx.seed,
-                                     description="e2cm class means")
-            statistics = compute_statistics(self.backbone, self._by_stage(), _first_epoch(batches, size), train,
-                                            ctx.batch_size, ctx.device)
-            budget.spend.seconds = budget.elapsed()
-        seen = statistics.samples
-        budget.spend.extra_forward_samples += seen  # the divisor pass
-        budget.spend.training_macs += 2 * seen * ctx.stage_costs.total
-        self._statistics = (train, statistics) if seen == size else None
+                                     description="e2cm class means", macs_per_sample=total, epochs=1,
+                                     followup_passes=1)
+
+            def divisor_pass(data: Dataset) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                return budget.forward_batches(data, ctx.batch_size, device=ctx.device, macs_per_sample=total,
+                                              stoppable=True, description="e2cm divisors")
+
+            try:
+                statistics = compute_statistics(self.backbone, self._by_stage(), batches, train, ctx.batch_size,
+                                                ctx.device, second_pass=divisor_pass)
+            finally:
+                batches.close()
+        complete = statistics.samples == size and int(statistics.labels.shape[0]) == size
+        self._statistics = (train, statistics) if complete else None
 
     def precomputed_trace(self, dataset: Dataset) -> ExitTrace | None:
         """The training split's trace from the divisor pass (same numbers as a fresh pass)."""
@@ -152,20 +171,6 @@ class E2CM(ExitStrategy):
 
     def exit_names(self) -> list[str]:
         return [f"block{s}" for s in self.exit_stages] + ["final"]
-
-
-def _first_epoch(batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-                 size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The budget's batches up to one pass over the split (the class means need no more)."""
-    seen = 0
-    try:
-        for x, y in batches:
-            yield x, y
-            seen += int(y.shape[0])
-            if seen >= size:
-                return
-    finally:
-        batches.close()
 
 
 @hookimpl

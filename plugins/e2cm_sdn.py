@@ -20,16 +20,30 @@ g/grid quantile of the training split's E²CM confidence at that stage — and, 
 rule and grid level, the per-exit (or shared) search sets T_ic; the harness keeps one
 hull over all of them (rule variants).
 
-Spend: the shared activation pass, plus two statistics passes (class means, then eq. 4
-divisors and the training distances), all recorded in ``extra_forward_samples``; the
-budget pays for IC training only. The statistics passes are the run's shared ones
-(``eebench_plugins.class_means``): E²CM computes the very same numbers, so whichever of the
-two runs first pays for them and the other reads them. ``seconds`` = IC training (the
-budget's clock) + the two statistics passes' wall time, whoever paid for them (kept in
-``statistics_seconds``, so seconds do not depend on cell order); the shared activation
-pass is not timed, as in SDN.
-Exit j costs the backbone through its stage + the IC + the distances K·(3D−1) (+
-max-pooling when the features are pooled), as E²CM counts them.
+Budget (how the class-mean pass and the IC training share it). The class means are taken
+over exactly the samples E²CM takes them over under the same budget: the first samples of
+the training split in order, at most one epoch and at most the budget's samples (under
+``samples: 500`` both use the same 500; under a clock, what the budget hands out before it
+is spent). They are statistics the ICs read, not IC training, so they are charged as extra
+forward samples and leave the budget's training samples to the IC training, which draws
+them afterwards exactly as SDN does (the whole budget; under a clock, what is left of it).
+When the budget covers the whole split (``Budget.covers``) the class means, eq. 4 divisors
+and the training distances are the run's shared ones (``eebench_plugins.class_means``):
+E²CM computes the very same numbers, so whichever of the two runs first pays for them and
+the other reads them. Otherwise this method computes them from ``Budget.statistics_batches``
+and a distance pass over the whole split (every training sample the ICs may draw needs its
+distances; the divisors come from the class-mean samples, as E²CM's), charged by the budget.
+Spend: training samples = IC training; extra forward samples = the shared activation pass
+(N) + the class-mean pass (N, or the samples the budget allowed) + the distance pass (N);
+training MACs = those passes × the full backbone + 3 × Σ IC MACs per IC training sample;
+``seconds`` = the fit's charged clock, with the shared passes at their recorded wall time
+whoever paid for them (``statistics_seconds`` keeps the statistics passes'), so seconds do
+not depend on cell order.
+Exit j costs the backbone through its stage + the IC (counted on the module, as SDN's, its
+Linear reading K more inputs) + the distances to the class means as E²CM prices them
+(``ClassMeansExit.overhead_macs``: D·K + D + 4K from the core's cost table, + the max-pool
+when the features are pooled); with ``count_softmax`` both softmaxes, the IC's and E²CM's
+(3K each).
 """
 
 from __future__ import annotations
@@ -41,8 +55,17 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from eebench import hookimpl
-from eebench.api import Budget, ExitCosts, ExitOutputs, MethodContext, StagedBackbone
-from eebench_plugins.class_means import build_exits, shared_statistics
+from eebench.api import (
+    Budget,
+    Charge,
+    EebenchError,
+    ExitCosts,
+    ExitOutputs,
+    MethodContext,
+    StagedBackbone,
+    softmax_macs,
+)
+from eebench_plugins.class_means import build_exits, compute_statistics, shared_statistics
 from eebench_plugins.internal_classifiers import ic_reducer
 from eebench_plugins.sdn import REDUCER_KEY, SDN, SDN_FRACTIONS
 
@@ -118,24 +141,39 @@ class E2CMSDN(SDN):
     def fit(self, train: Dataset, budget: Budget) -> None:
         if not self.ic_stages:
             return
-        ctx = self.context
         self.backbone.eval()
-        activations = self.shared_activations(train, ic_reducer, REDUCER_KEY)
-        distances = self._class_mean_statistics(train)
-        budget.spend.extra_forward_samples += 3 * len(train)
-        budget.spend.training_macs += 3 * len(train) * ctx.stage_costs.total
+        distances = self._class_mean_statistics(train, budget)  # first, on E²CM's samples (module doc)
+        activations = self.shared_activations(train, ic_reducer, REDUCER_KEY, budget)
         self.cm_thresholds = cm_threshold_grid(distances, self.grid)
         self._fit_distances = (train, distances)
         features = [activations.features[s] for s in self.ic_stages]
         self._train_ics(features, activations.labels, budget, extras=[d.float() for d in distances])
-        budget.spend.seconds += self.statistics_seconds  # _train_ics set seconds to the budget's clock
 
-    def _class_mean_statistics(self, train: Dataset) -> list[torch.Tensor]:
-        """The run's shared class means and eq. 4 divisors (two passes, paid by the first method
-        that asks: E²CM or this); returns the training split's normalised distances at each IC."""
-        statistics = shared_statistics(self, train, self.pool_to, self.auto_pool_above)
+    def _class_mean_statistics(self, train: Dataset, budget: Budget) -> list[torch.Tensor]:
+        """Class means and eq. 4 divisors on E²CM's samples under this budget (the run's shared ones
+        when it covers the split, paid by the first method that asks: E²CM or this); returns every
+        training sample's normalised distances at each IC."""
+        ctx = self.context
+        size, total = len(train), ctx.stage_costs.total
+        by_stage = dict(zip(self.ic_stages, self.means, strict=True))
+        if budget.covers(size):
+            charge = Charge(forward_samples=2 * size, macs=2 * size * total)  # class means + divisors/distances
+            statistics = shared_statistics(self, train, self.pool_to, self.auto_pool_above, budget, charge)
+            statistics.load_into(by_stage)
+        else:
+            batches = budget.statistics_batches(train, ctx.batch_size, device=ctx.device, macs_per_sample=total,
+                                                description="e2cm+sdn class means")
+
+            def distance_pass(data: Dataset):
+                return budget.forward_batches(data, ctx.batch_size, device=ctx.device, macs_per_sample=total,
+                                              description="e2cm+sdn distances")
+
+            statistics = compute_statistics(self.backbone, by_stage, batches, train, ctx.batch_size, ctx.device,
+                                            second_pass=distance_pass, distances_of_all=True)
+            if statistics.samples == 0:
+                raise EebenchError(f"the budget ({budget.describe()}) handed out no sample for the class means; "
+                                   "expected a budget that allows at least one batch", key="e2cm+sdn")
         self.statistics_seconds = statistics.seconds
-        statistics.load_into(dict(zip(self.ic_stages, self.means, strict=True)))
         return [statistics.normalised(s) for s in self.ic_stages]
 
     @torch.no_grad()
@@ -198,7 +236,8 @@ class E2CMSDN(SDN):
     def exit_costs(self) -> ExitCosts:
         costs = super().exit_costs()
         k = self.context.num_classes
-        distance = torch.tensor([m.overhead_macs(k) for m in self.means] + [0.0], dtype=torch.float64)
+        cm_softmax = softmax_macs(k) if self.count_softmax else 0.0  # the IC's is in SDN's ic_macs
+        distance = torch.tensor([m.overhead_macs(k) + cm_softmax for m in self.means] + [0.0], dtype=torch.float64)
         return ExitCosts(costs.backbone_macs, costs.overhead_macs + distance, costs.reference_macs)
 
 

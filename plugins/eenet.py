@@ -41,7 +41,9 @@ shared by all exits (``shared-threshold``, the paper's single-T rule; name
 ``per-exit-bisection`` as the calibrator for per-exit thresholds).
 
 Costs: the harness's accounting by default — exit i costs the backbone up to its point
-plus every evaluated exit block (fvcore MACs). ``native_cost: true`` reproduces the paper's
+plus every evaluated exit block (MACs counted by the core on the block, ``count_macs``:
+the optional BatchNorm, the average pool, both Linears; the sigmoid on h_i is the exit's
+decision, free as every method's threshold test is). ``native_cost: true`` reproduces the paper's
 accounting instead: exit i costs the stages up to it plus *only* exit block i, and the
 final exit costs exactly 1.0 (the blocks passed on the way are free); this is expressed
 by folding each block's MACs into the exit's backbone cost with no overheads.
@@ -127,6 +129,7 @@ class ExitBlock(nn.Module):
         return self.classifier(v), torch.sigmoid(self.confidence(v)).squeeze(1)
 
     def macs(self) -> float:
+        """MACs at batch 1 by the core's counter (``count_macs`` on this block)."""
         device = next(self.parameters()).device
         return count_macs(self, torch.zeros(1, *self.shape, device=device))
 

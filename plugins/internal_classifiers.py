@@ -16,12 +16,14 @@ frozen backbone and cached (``reduce_for_ic``: both maps stacked, [B, 2, C, s/r,
 ``InternalClassifier.forward_pooled`` applies the α mix to such a cached pair, so training
 on cached activations is the same function as running the IC on the live stage output.
 
-MACs per IC (``InternalClassifier.macs``), at batch 1, the analytic counterpart of
-fvcore's count:
-- pooling (when r is defined): 2·C·s² (max-pool comparisons plus avg-pool additions:
-  each input element is read once by each pool);
-- α mixing: C·(s/r)² (one fused multiply-add per pooled value);
-- Linear: in · K with in = C·(s/r)² + extra_inputs (fvcore's convention; bias adds free).
+MACs per IC (``InternalClassifier.macs``): ``count_macs`` on the IC itself at batch 1, the
+core's counter (``eebench.costs``), which gives
+- pooling (when r is defined): each of the two pools reads every value of its windows once,
+  2·C·(s/r)²·r² (= 2·C·s² when r divides s), priced by the core's cost table (fvcore
+  itself skips max- and avg-pooling);
+- α mixing: 0 (elementwise arithmetic between tensors, free as the backbone's residual
+  adds are);
+- Linear: in · K with in = C·(s/r)² + extra_inputs (bias adds free).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from eebench.api import count_macs
 
 
 def reduction_kernel(side: int) -> int | None:
@@ -89,6 +93,9 @@ class InternalClassifier(nn.Module):
         self.alpha = nn.Parameter(torch.rand(1)) if self.kernel is not None else None
         self.pooled_numel = math.prod(pooled_shape(feature_shape))
         self.linear = nn.Linear(self.pooled_numel + self.extra_inputs, self.num_classes)
+        example = torch.zeros(1, *self.feature_shape)
+        extra = torch.zeros(1, self.extra_inputs) if self.extra_inputs else None
+        self._macs = count_macs(self, (example, extra) if extra is not None else example)  # at batch 1, on CPU
 
     def mix(self, pair: torch.Tensor) -> torch.Tensor:
         """α · max + (1 − α) · avg on a ``reduce_for_ic`` pair [B, 2, ...] -> [B, ...]."""
@@ -110,9 +117,6 @@ class InternalClassifier(nn.Module):
         return self.forward_pooled(reduce_for_ic(x), extra)
 
     def macs(self) -> float:
-        """Analytic MACs at batch 1: pooling 2·C·s² + mixing C·(s/r)² + Linear in·K."""
-        linear = float((self.pooled_numel + self.extra_inputs) * self.num_classes)
-        if self.kernel is None:
-            return linear
-        pooling = 2.0 * math.prod(self.feature_shape)
-        return pooling + float(self.pooled_numel) + linear
+        """MACs at batch 1 as the core counts them (``count_macs`` on this IC, when it was built;
+        see the module doc)."""
+        return self._macs

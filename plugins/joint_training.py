@@ -5,9 +5,9 @@ reloads the backbone plugin's own initialisation first, as their papers train), 
 backbone and the heads together with Adam on augmented batches handed out by the Budget
 (lr constant as the papers, or, by default, decayed to zero over the budget's planned
 samples by a half cosine: fine-tuning a converged network at the papers' constant Adam lr
-for a single epoch leaves it noticeably worse than where it started), and record the
-training MACs as forward + backward ≈ 3 × forward per sample (the convention every
-built-in method follows).
+for a single epoch leaves it noticeably worse than where it started); the budget charges
+the training MACs as forward + backward ≈ 3 × forward per sample (the convention every
+built-in method follows) as it hands the batches out.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def train_jointly(
     seen = 0
     planned = budget.planned_samples if schedule == "cosine" else None
     for x, y in budget.batches(train, context.train_batch_size, device=context.device, augment=context.augment,
-                               seed=context.seed, description=description):
+                               seed=context.seed, description=description, macs_per_sample=3.0 * per_sample_macs):
         if planned:
             for group in optimizer.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(seen / planned, 1.0)))
@@ -88,8 +88,6 @@ def train_jointly(
         loss.backward()
         optimizer.step()
         seen += int(y.shape[0])
-        budget.spend.training_macs += int(y.shape[0]) * 3.0 * per_sample_macs
-    budget.spend.seconds = budget.elapsed()
     backbone.eval()
     heads.eval()
 

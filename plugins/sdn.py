@@ -21,18 +21,20 @@ Deviations, all in ``notes``:
   over the training split stores each exit point's max- and avg-pooled maps (float16,
   cast to float32 for training); every budgeted batch reads them by sample index. The
   reference trains ICs on augmented images; eebench trades that for never paying the
-  frozen backbone twice. The pass is charged to the method as if it ran alone
-  (``extra_forward_samples`` = training size), but not to ``seconds`` (it may have been
-  paid by another cell, and seconds must not depend on cell order);
+  frozen backbone twice. The core charges the pass to the method as if it ran alone
+  (``extra_forward_samples`` = training size, that many full-backbone MACs, and the pass's
+  recorded seconds whoever paid for it, so seconds do not depend on cell order);
 - fallback ``"most_confident"`` (the reference): when no IC fires, SDN returns the most
   confident output among all ICs and the final head. The trace contract makes the last
   exit always exit, so the final exit's prediction (and score) here is that of the most
   confident exit for the sample, computed in ``exit_outputs``; as that needs every IC,
   the method is then ``chained`` (switching an IC off saves nothing). ``"final"``
   (default) returns the backbone head's prediction, like every other method;
-- costs: exit j pays the backbone through its stage plus each evaluated IC's analytic MACs
-  (pooling 2·C·s² + α-mixing C·(s/r)² + Linear in·K; the softmax ~3K only with
-  ``count_softmax``); the final exit is the plain backbone, overhead 0. Training MACs =
+- costs: exit j pays the backbone through its stage plus each evaluated IC's MACs, counted
+  by the core on the IC module (``InternalClassifier.macs``: its two poolings from the core's
+  cost table, every value each window reads, + Linear in·K; the α mix is free); the softmax
+  (3K, the cost table's) only with ``count_softmax``; the final exit is the plain backbone,
+  overhead 0. Training MACs =
   budgeted samples × 3 × Σ IC MACs (forward + a backward taken as twice the forward) +
   training size × the full backbone (the shared activation pass).
 """
@@ -124,17 +126,15 @@ class SDN(ExitStrategy):
     def fit(self, train: Dataset, budget: Budget) -> None:
         if not self.ic_stages:
             return  # nothing to train: the backbone's head is the only exit
-        ctx = self.context
         self.backbone.eval()
-        activations = self.shared_activations(train, ic_reducer, REDUCER_KEY)
-        budget.spend.extra_forward_samples += len(activations)
-        budget.spend.training_macs += len(activations) * ctx.stage_costs.total
+        activations = self.shared_activations(train, ic_reducer, REDUCER_KEY, budget)
         features = [activations.features[s] for s in self.ic_stages]
         self._train_ics(features, activations.labels, budget)
 
     def _train_ics(self, features: list[torch.Tensor], labels: torch.Tensor, budget: Budget,
                    extras: list[torch.Tensor] | None = None) -> None:
-        """Adam on the summed IC losses, batches (of cached-sample indices) from the budget.
+        """Adam on the summed IC losses, batches (of cached-sample indices) from the budget, which
+        charges 3 × Σ IC MACs per sample.
 
         ``extras`` holds per-IC extra inputs per sample (E²CM+SDN's distances), if any.
         """
@@ -144,8 +144,9 @@ class SDN(ExitStrategy):
         loss_fn = nn.CrossEntropyLoss()
         drop_at = _lr_drop_at(budget, len(labels))
         per_sample = 3.0 * math.fsum(self.ic_macs())
+        seen = 0
         for x, y in budget.batches(index_dataset(labels), ctx.train_batch_size, device="cpu", seed=ctx.seed,
-                                   description="sdn ICs"):
+                                   description="sdn ICs", macs_per_sample=per_sample):
             rows = x.view(-1).long()
             target = y.to(ctx.device)
             loss = sum(
@@ -156,11 +157,10 @@ class SDN(ExitStrategy):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            budget.spend.training_macs += int(y.shape[0]) * per_sample
-            if drop_at is not None and budget.spend.samples >= drop_at:
+            seen += int(y.shape[0])
+            if drop_at is not None and seen >= drop_at:
                 drop_lr(optimizer, self.lr)
                 drop_at = None
-        budget.spend.seconds = budget.elapsed()
         self.ics.eval()
 
     def _walk(self, x: torch.Tensor) -> Iterator[tuple[InternalClassifier, torch.Tensor]]:

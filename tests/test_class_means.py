@@ -86,10 +86,12 @@ def test_sharing_changes_no_number_and_no_spend(shared_pair, trained_resnet20, s
 
 
 def test_the_reader_records_the_payers_seconds(shared_pair) -> None:
-    """Seconds do not depend on which cell ran first: both record the passes' wall time."""
-    _, _, e2cm_budget, consulting, _ = shared_pair
-    assert consulting.statistics_seconds > 0
-    assert e2cm_budget.spend.seconds == consulting.statistics_seconds
+    """Seconds do not depend on which cell ran first: the core charges both the passes' wall time."""
+    _, _, e2cm_budget, consulting, consulting_budget = shared_pair
+    passes = consulting.statistics_seconds  # measured inside the passes E²CM paid for
+    assert passes > 0
+    assert passes <= e2cm_budget.spend.seconds < passes + 0.5  # E²CM does little else
+    assert consulting_budget.spend.seconds >= passes  # the reader is charged them too
 
 
 def test_e2cm_spends_one_epoch_of_a_larger_budget(trained_resnet20, small_fmnist) -> None:

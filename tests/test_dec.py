@@ -228,7 +228,9 @@ def test_costs_and_operating_points(fitted) -> None:
     strategy, budget, train, test = fitted
     costs = strategy.exit_costs()
     stage = strategy.context.stage_costs.stage_macs
-    distance = 10 * (3 * 10 - 1)
+    # E²CM's distances in MACs (issue 12, the core's cost table), not K·(3D−1) operations, D = K = 10:
+    # D·K + K (expansion) + D + K (‖x‖²) + 2K (sqrt, ÷ divisor)
+    distance = 10 * 10 + 10 + 10 + 10 + 2 * 10
     assert costs.reference_macs == sum(stage) + distance
     assert costs.backbone_macs.tolist() == [stage[0], stage[0] + stage[1], sum(stage)]
     assert costs.overhead_macs.tolist() == [500 * 10 + distance, 500 * 10 + distance, distance]

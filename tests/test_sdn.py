@@ -14,7 +14,7 @@ from eebench.costs import StageCosts
 from eebench.strategy import MethodContext
 from eebench.trace import compute_trace
 from eebench_plugins.budgets import EpochsBudget, SamplesBudget
-from eebench_plugins.internal_classifiers import InternalClassifier, ic_reducer, reduce_for_ic
+from eebench_plugins.internal_classifiers import InternalClassifier, reduce_for_ic
 from eebench_plugins.sdn import SDN, _lr_drop_at
 
 FRACTIONS = [0.15, 0.30, 0.45, 0.60, 0.75, 0.90]
@@ -94,8 +94,12 @@ def test_mixing_is_alpha_max_plus_one_minus_alpha_avg() -> None:
         pair = reduce_for_ic(x)
         assert pair.shape == (5, 2, 16, 4, 4)
         assert torch.allclose(ic.forward_pooled(pair), expected, atol=1e-6)
-    # 2·C·s² pooling + C·(s/r)² mixing + Linear in·K
-    assert ic.macs() == 2 * 16 * 28 * 28 + 16 * 4 * 4 + 16 * 4 * 4 * 10
+    # Issue 12 (one cost unit): the core counts the IC module; its two pools read every value of
+    # their windows (2·C·s² when r divides s, the cost table), the α mix is elementwise arithmetic
+    # between tensors, free as in the backbone (the old hand formula added C·(s/r)²), + Linear in·K
+    assert ic.macs() == 2 * 16 * 28 * 28 + 16 * 4 * 4 * 10
+    # r = 3 does not divide s = 14: the windows read 12×12 of the 14×14 map
+    assert InternalClassifier((32, 14, 14), 10).macs() == 2 * 32 * 12 * 12 + 32 * 4 * 4 * 10
     small = InternalClassifier((64, 3, 3), 10)  # s < 4: no pooling, no α, a bare Linear
     assert small.alpha is None and small.macs() == 64 * 9 * 10
     assert 0.0 <= InternalClassifier((16, 14, 14), 10).alpha.item() < 1.0
@@ -104,7 +108,7 @@ def test_mixing_is_alpha_max_plus_one_minus_alpha_avg() -> None:
 def test_cached_pooled_activations_give_the_live_ic_output(fitted, small_fmnist) -> None:
     strategy, *_ = fitted
     _, train, _ = small_fmnist
-    cached = strategy.shared_activations(train, ic_reducer, "sdn-pool")  # the fit's pass, from the cache
+    cached = strategy.cached_activations(train, "sdn-pool")  # the fit's pass, from the cache
     assert cached.features[strategy.ic_stages[0]].dtype == torch.float16
     with torch.no_grad():
         outputs, _ = strategy.backbone.stage_outputs(train.images[:64])

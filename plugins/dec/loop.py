@@ -1,14 +1,14 @@
-"""What every DEC training phase shares: shuffled mini-batches, optimisers, spend accounting."""
+"""What every DEC training phase shares: budgeted mini-batches, optimisers, spend accounting."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from eebench.api import Budget, EebenchError
+from eebench.api import BatchStream, Budget, EebenchError
 from eebench_plugins.dec.recipes import DECRecipe
 
 
@@ -18,11 +18,16 @@ def linear_macs(layers: list[nn.Linear]) -> float:
 
 
 class Meter:
-    """Records DEC's training into the cell's budget and says when the budget is spent.
+    """DEC's training under the cell's budget: the budget hands out every mini-batch and charges it.
 
-    Gradient steps count as training samples at 3x their forward MACs (forward plus
-    backward, the harness's convention); full-data passes (k-means inputs, target
-    distributions, frozen features) count as extra forward samples.
+    DEC trains on tensors it extracted, so its mini-batches are index batches the budget
+    hands out (``Budget.index_batches``: reshuffled every epoch by DEC's generator, counted
+    as training samples at 3x their forward MACs, forward plus backward, the harness's
+    convention, and stopped when the budget is spent); full-data passes (k-means inputs,
+    target distributions, frozen features, the exits' fit) are charged as extra forward
+    samples (``Budget.charge_forward``). Those passes are needed even once the budget is spent
+    (k-means of every exit), so a seconds budget too short for them leaves DEC over budget
+    (the runner fails the cell): cap DEC with a samples budget, as the suites do.
     """
 
     def __init__(self, budget: Budget) -> None:
@@ -33,25 +38,12 @@ class Meter:
     def exhausted(self) -> bool:
         return self.budget.exhausted()
 
-    def step(self, batch: int, forward_macs: float) -> None:
-        self.budget.spend.samples += batch
-        self.budget.spend.batches += 1
-        self.budget.spend.training_macs += 3.0 * forward_macs * batch
+    def batches(self, size: int, batch_size: int, generator: torch.Generator, forward_macs: float) -> BatchStream:
+        """Index mini-batches into ``size`` samples until the budget is spent (or the phase stops)."""
+        return self.budget.index_batches(size, batch_size, generator, macs_per_sample=3.0 * forward_macs)
 
     def forward(self, samples: int, forward_macs: float) -> None:
-        self.budget.spend.extra_forward_samples += samples
-        self.budget.spend.training_macs += forward_macs * samples
-
-    def close(self) -> None:
-        self.budget.spend.seconds = self.budget.elapsed()
-
-
-def batch_indices(size: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless mini-batches of indices, reshuffled every epoch (the last partial batch kept)."""
-    while True:
-        order = torch.randperm(size, generator=generator)
-        for start in range(0, size, batch_size):
-            yield order[start : start + batch_size]
+        self.budget.charge_forward(samples, forward_macs)
 
 
 def make_optimizer(kind: str, params: list[nn.Parameter], lr: float, momentum: float) -> torch.optim.Optimizer:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from eebench_plugins.dec.backbone import xavier_relu_
-from eebench_plugins.dec.loop import Meter, PhaseLog, batch_indices, check_finite, in_chunks, linear_macs, optimizer_for
+from eebench_plugins.dec.loop import Meter, PhaseLog, check_finite, in_chunks, linear_macs, optimizer_for
 from eebench_plugins.dec.recipes import DECRecipe
 
 
@@ -65,22 +65,25 @@ def _fit(forward, params: list[nn.Parameter], data: torch.Tensor, iterations: in
     if iterations == 0:
         return log
     optimizer, schedule = optimizer_for(params, recipe)
-    batches = batch_indices(data.shape[0], recipe.batch_size, generator)
-    for step in range(iterations):
-        if meter.exhausted:
-            log.stopped = "budget"
-            break
-        x = data[next(batches)]
-        loss = F.mse_loss(forward(x), x)
-        check_finite(loss, log.name, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        meter.step(x.shape[0], macs)
-        log.iterations += 1
-        if step % 50 == 0 or step == iterations - 1:
-            log.record(loss.item())
+    batches = meter.batches(data.shape[0], recipe.batch_size, generator, macs)
+    try:
+        for step in range(iterations):
+            index = next(batches, None)
+            if index is None:
+                log.stopped = "budget"
+                break
+            x = data[index]
+            loss = F.mse_loss(forward(x), x)
+            check_finite(loss, log.name, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            log.iterations += 1
+            if step % 50 == 0 or step == iterations - 1:
+                log.record(loss.item())
+    finally:
+        batches.close()
     log.seconds = time.perf_counter() - tick
     return log
 

@@ -24,9 +24,11 @@ Labels are never used to train or to choose thresholds:
   matching on the training labels (spec §7.3.7), and an exited sample is scored through its
   exit's mapping. NMI and ARI are reported too (``extra_metrics``).
 
-Cost (MACs, batch 1): the trunk up to the exit + the exit's new 500→10 layer + K·(3·10−1)
-for the distances (as the E²CM code counts them), over every exit evaluated so far.
-1.00 is DEC_large alone: its encoder plus its K·(3·10−1) distance MACs.
+Cost (MACs, batch 1): the trunk up to the exit + the exit's new 500→10 layer (counted by the
+core on the module) + the distances to the K centres as E²CM prices them from the core's
+cost table (``ClassMeansExit.overhead_macs``: D·K + D + 4K with D = 10, not the E²CM code's
+K·(3·10−1) elementary operations), over every exit evaluated so far; the softmax (3K) only
+with ``count_softmax``. 1.00 is DEC_large alone: its encoder plus its distance MACs.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from eebench.api import (
     MethodContext,
     OperatingPoint,
     StagedBackbone,
+    count_macs,
     iterate_batches,
     softmax_macs,
 )
@@ -135,7 +138,8 @@ class DECE2CM(ExitStrategy):
             "cluster centres) > T_j. Thresholds are chosen without labels: the calibration trace scores agreement "
             "with DEC_large's own training-set clusters. Test accuracy maps each exit's clusters to classes by "
             "Hungarian matching on the training labels (evaluation only). Cost 1.00 = DEC_large (encoder + "
-            "K·(3·10−1) distance MACs); the suite's budget only caps DEC's training, whose length the recipe sets."
+            "its distance MACs, D·K + D + 4K from the core's cost table); the suite's budget only caps DEC's "
+            "training, whose length the recipe sets."
         )
 
     def _reset_maps(self, size: int) -> None:
@@ -183,7 +187,8 @@ class DECE2CM(ExitStrategy):
             logs.append(train_dec(head, layer, features, recipe, generator, meter, head_macs, name=f"{names[k]} KL"))
         self._check_frozen()
         self._fit_exits(data, labels)
-        meter.close()
+        # the exits' fit embeds the training data once more: DEC_large's trunk and every head
+        meter.forward(data.shape[0], macs + linear_macs(list(self.heads)))
         self.fit_log = {
             "recipe": recipe.to_dict(),
             "phases": [vars(log) for log in logs],
@@ -278,7 +283,8 @@ class DECE2CM(ExitStrategy):
         extra = softmax_macs(k) if self.count_softmax else 0.0
         last = len(self.backbone.stages) - 1
         backbone = [stage_costs.through(s) for s in self.exit_stages] + [stage_costs.through(last)]
-        overhead = [linear_macs([h]) + e.overhead_macs(k) + extra for h, e in zip(self.heads, self.exits, strict=False)]
+        overhead = [count_macs(h, torch.zeros(1, h.in_features, device=h.weight.device)) + e.overhead_macs(k) + extra
+                    for h, e in zip(self.heads, self.exits, strict=False)]
         final = self.exits[-1].overhead_macs(k) + extra
         return ExitCosts(torch.tensor(backbone, dtype=torch.float64),
                          torch.tensor([*overhead, final], dtype=torch.float64), backbone[-1] + final)

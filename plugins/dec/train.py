@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from eebench_plugins.dec.clustering import ClusteringLayer, kl_divergence, kmeans, target_distribution
-from eebench_plugins.dec.loop import Meter, PhaseLog, batch_indices, check_finite, in_chunks, make_optimizer
+from eebench_plugins.dec.loop import Meter, PhaseLog, check_finite, in_chunks, make_optimizer
 from eebench_plugins.dec.recipes import DECRecipe
 
 
@@ -36,7 +36,7 @@ def train_dec(encoder: nn.Module, layer: ClusteringLayer, data: torch.Tensor, re
     log = PhaseLog(name, stopped="max_iterations")
     params = [p for p in encoder.parameters() if p.requires_grad] + [layer.centres]
     optimizer = make_optimizer("sgd", params, recipe.dec_lr, recipe.dec_momentum)
-    batches = batch_indices(data.shape[0], recipe.batch_size, generator)
+    batches = meter.batches(data.shape[0], recipe.batch_size, generator, macs)
     previous: torch.Tensor | None = None
     changed: list[float] = []
     target = torch.empty(0)
@@ -57,19 +57,19 @@ def train_dec(encoder: nn.Module, layer: ClusteringLayer, data: torch.Tensor, re
             previous = assignment
         if iteration >= recipe.dec_max_iterations:
             break
-        if meter.exhausted:
+        index = next(batches, None)
+        if index is None:
             log.stopped = "budget"
             break
-        index = next(batches)
         loss = kl_divergence(target[index], layer(encoder(data[index])))
         check_finite(loss, name, iteration)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        meter.step(int(index.numel()), macs)
         iteration += 1
         if iteration % recipe.update_interval == 1:
             log.record(loss.item())
+    batches.close()
     encoder.eval()
     log.iterations = iteration
     log.extra["changed"] = [round(c, 5) for c in changed]

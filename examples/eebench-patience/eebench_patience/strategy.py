@@ -15,8 +15,10 @@ T = k shared by every exit (the ``shared-threshold`` calibrator sweeps it). PABE
 
 Costs and their approximations:
 - exit j pays the backbone up to its stage (``StageCosts.through``) plus every evaluated
-  IC's MACs, counted by fvcore like the backbone (C*H*W for the pooling + C*K for the
-  Linear); the final exit is the plain backbone with no overhead of its own; ``chained``
+  IC's MACs, counted like the backbone by ``count_macs`` on the IC module (C*H*W for the
+  pooling + C*K for the Linear); the patience counter (one comparison with the previous
+  exit's class) is the exit's decision, uncounted as every method's threshold test is
+  (``eebench.costs``); the final exit is the plain backbone with no overhead of its own; ``chained``
   tells the harness that every IC before the exit is paid even when its own exit is off;
 - training MACs per sample = backbone forward up to the last IC's stage (the only part the
   fit runs) + 3x the ICs' forward MACs (forward, plus a backward taken as twice the forward);
@@ -118,15 +120,13 @@ class PatienceExit(ExitStrategy):
         last = self.exit_stages[-1]
         per_sample = ctx.stage_costs.through(last) + 3.0 * math.fsum(self.ic_macs)
         for x, y in budget.batches(train, ctx.train_batch_size, device=ctx.device, augment=ctx.augment,
-                                   seed=ctx.seed, description="patience ICs"):
+                                   seed=ctx.seed, description="patience ICs", macs_per_sample=per_sample):
             with torch.no_grad():
                 features = [(ic, out) for ic, out in self._features(x, through=last)]
             loss = sum(loss_fn(ic(out), y) for ic, out in features)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            budget.spend.training_macs += int(y.shape[0]) * per_sample
-        budget.spend.seconds = budget.elapsed()
         self.classifiers.eval()
 
     @torch.no_grad()
