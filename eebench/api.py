@@ -8,6 +8,11 @@ promised to stay stable. Each plugin kind is a factory registered under a name:
 * ExitStrategy: ``factory(backbone, context, **params) -> ExitStrategy``
 * Calibrator:   ``factory(**params) -> Calibrator``
 * Budget:       ``factory(**params) -> Budget``
+
+A factory may declare its parameters as a pydantic model deriving from :class:`Params`: a
+class attribute ``Params = MyParams`` on the class, or ``@params_model(MyParams)`` on a function.
+``eebench validate`` and ``eebench run`` then check a suite's ``params`` against it, and the
+plugin is built from the validated values (see ``eebench.params``).
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from eebench.costs import (
     squared_distance_macs,
 )
 from eebench.datasets import DatasetBundle, TensorImageDataset, random_crop_flip, take
-from eebench.errors import EebenchError
+from eebench.errors import EebenchError, check_finite_loss
 from eebench.model import StagedBackbone
+from eebench.params import Params, params_model
 from eebench.passes import iterate_batches
 from eebench.progress import progress
 from eebench.strategy import ExitOutputs, ExitStrategy, MethodContext, OperatingPoint
@@ -56,12 +62,14 @@ __all__ = [
     "ExitTrace",
     "MethodContext",
     "OperatingPoint",
+    "Params",
     "Spend",
     "StageCosts",
     "StagedBackbone",
     "TensorImageDataset",
     "TrainingBudget",
     "adaptive_pool_macs",
+    "check_finite_loss",
     "comparison_macs",
     "count_macs",
     "elementwise_macs",
@@ -69,6 +77,7 @@ __all__ = [
     "exit_fires",
     "iterate_batches",
     "multiply_add_macs",
+    "params_model",
     "pool_macs",
     "progress",
     "random_crop_flip",

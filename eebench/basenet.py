@@ -3,6 +3,11 @@
 The cache key covers dataset (with its subsets), backbone, recipe and seed, so every
 method of a suite starts from the very same weights and a second run trains nothing.
 Checkpoints are plain state dicts loaded with ``torch.load(weights_only=True)``.
+
+The cache heals itself: an entry whose weights cannot be loaded (corrupt, truncated, stale)
+is a cache miss, moved aside as ``<key>.pt.corrupt-<timestamp>`` with one line on stderr, and
+retrained. A cache that cannot take the trained weights (disk full) is reported in one line;
+the run goes on with the weights in memory.
 """
 
 from __future__ import annotations
@@ -11,7 +16,11 @@ import hashlib
 import json
 import math
 import os
+import re
+import sys
+import tempfile
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +40,55 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "eebench"
 
 
+def cache_paths(digest: str) -> tuple[Path, Path]:
+    """The weights and the metadata file of a cache entry (the metadata marks it complete)."""
+    folder = cache_dir() / "backbones"
+    return folder / f"{digest}.pt", folder / f"{digest}.json"
+
+
+def cache_entry_ready(digest: str) -> bool:
+    """A complete entry is in the cache (whether its weights load is found out when they are read)."""
+    weights, meta = cache_paths(digest)
+    return weights.is_file() and _read_meta(meta) is not None
+
+
+def _warn(line: str) -> None:
+    print(f"eebench: warning: {line}", file=sys.stderr)
+
+
+def _move_aside(weights: Path, meta: Path, why: str) -> None:
+    """A damaged cache entry is renamed ``*.corrupt-<timestamp>`` (kept for a post-mortem), said in one line."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = weights.with_name(f"{weights.name}.corrupt-{stamp}")
+    try:
+        os.replace(weights, aside)
+        with suppress(OSError):
+            os.replace(meta, meta.with_name(f"{meta.name}.corrupt-{stamp}"))
+        where = f"moved aside to {aside}"
+    except OSError as exc:
+        where = f"could not be moved aside ({exc.strerror})"
+    _warn(f"cached backbone {weights} is unreadable ({why}); {where}; retraining it")
+
+
+def _save_atomic(folder: Path, target: Path, write) -> None:
+    """``write(tmp_path)`` into a temporary file unique to this writer, then rename it onto ``target``;
+    the temporary file is removed if anything fails."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.stem[:20]}-", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def _read_meta(meta: Path) -> dict | None:
     try:
         info = json.loads(meta.read_text())
-        return info if {"test_accuracy", "train_seconds", "train_samples"} <= set(info) else None
+        return info if isinstance(info, dict) and {"test_accuracy", "train_seconds", "train_samples"} <= set(info) \
+            else None
     except (OSError, ValueError, TypeError):
         return None
 
@@ -117,6 +171,12 @@ def accuracy(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.
     return correct / max(1, len(dataset))
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first non-empty line without terminal colour codes (torch's weights-only refusal has both)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+
+
 def load_checkpoint(model: nn.Module, path: Path, where: str, key: str) -> None:
     if not path.is_file():
         raise EebenchError(f"checkpoint '{path}' does not exist; expected a state_dict file", where=where, key=key)
@@ -126,7 +186,7 @@ def load_checkpoint(model: nn.Module, path: Path, where: str, key: str) -> None:
             state = state["state_dict"]
         model.load_state_dict(state)
     except Exception as exc:
-        raise EebenchError(f"cannot load checkpoint '{path}': {type(exc).__name__}: {str(exc)[:160]}; "
+        raise EebenchError(f"cannot load checkpoint '{path}': {type(exc).__name__}: {first_line(exc)[:160]}; "
                            "expected a state_dict matching the backbone", where=where, key=key) from exc
 
 
@@ -154,14 +214,20 @@ def prepare_backbone(
         return BaseInfo(content_hash({**payload, "checkpoint": checkpoint}), acc, 0.0, 0, True,
                         f"checkpoint {checkpoint}")
     digest = content_hash(payload)
-    folder = cache_dir() / "backbones"
-    weights, meta = folder / f"{digest}.pt", folder / f"{digest}.json"
+    weights, meta = cache_paths(digest)
+    folder = weights.parent
     info = _read_meta(meta) if weights.is_file() else None
     if info is not None:  # a missing or unreadable entry is a cache miss: retrain and overwrite it
-        load_checkpoint(model, weights, where, key)
-        model.to(device).eval()
-        return BaseInfo(digest, info["test_accuracy"], info["train_seconds"], info["train_samples"], True,
-                        f"cache {weights}")
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except Exception as exc:  # corrupt, truncated or stale weights: a cache miss, healed
+            first = " ".join(str(exc).split()).split(". ")[0][:160]  # the first sentence of torch's message
+            _move_aside(weights, meta, f"{type(exc).__name__}: {first}")
+        else:
+            model.to(device).eval()
+            return BaseInfo(digest, info["test_accuracy"], info["train_seconds"], info["train_samples"], True,
+                            f"cache {weights}")
     # fail before training, not after: the trained weights must have somewhere to go
     check_writable(folder, "EEBENCH_CACHE", "a writable directory for the backbone cache (set EEBENCH_CACHE)")
     torch.manual_seed(seed)
@@ -169,11 +235,14 @@ def prepare_backbone(
     seen = train_backbone(model, train, recipe, augment=augment, seed=seed, device=device, where=where, key=key)
     seconds = time.perf_counter() - start
     acc = accuracy(model, test, eval_batch_size, device)
-    tmp = weights.with_suffix(".pt.tmp")
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, weights)
-    tmp = meta.with_suffix(".json.tmp")  # the metadata last and atomically: it marks the entry complete
-    tmp.write_text(json.dumps({"payload": payload, "test_accuracy": acc, "train_seconds": seconds,
-                               "train_samples": seen}, indent=1, default=str))
-    os.replace(tmp, meta)
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    record = json.dumps({"payload": payload, "test_accuracy": acc, "train_seconds": seconds,
+                         "train_samples": seen}, indent=1, default=str)
+    try:
+        _save_atomic(folder, weights, lambda tmp: torch.save(state, tmp))
+        # the metadata last and atomically: it marks the entry complete
+        _save_atomic(folder, meta, lambda tmp: tmp.write_text(record))
+    except OSError as exc:  # the weights are in memory: this run goes on, the next one retrains them
+        _warn(f"cannot write the trained backbone to the cache at {weights} ({exc.strerror or exc}); this run "
+              "goes on with it in memory, the next one trains it again")
     return BaseInfo(digest, acc, seconds, seen, False, "trained")

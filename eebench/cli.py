@@ -1,7 +1,10 @@
 """The ``eebench`` command: run, validate, plugins, leaderboard.
 
-Bad input ends with one line naming the file, the key and what was expected, exit code 2,
-and no traceback unless ``--debug``.
+Exit codes: 0 everything done; 2 bad input (one line naming the file, the key and what was
+expected, no traceback unless ``--debug``), Ctrl-C, or another run holding the run directory;
+3 the run went through but some cells failed (each recorded in its cell file, shown as
+"failed" in the leaderboard, computed again by the next run); 4 some finished results could not
+be written (each said in one line; they are in this run's leaderboard only).
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ from pathlib import Path
 
 from eebench.errors import EebenchError
 
+EXIT_OK = 0
 EXIT_USAGE = 2
+EXIT_CELLS_FAILED = 3
+EXIT_NOT_SAVED = 4
 
 
 def _device(name: str):
@@ -69,9 +75,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     registry = default_registry()
     check_plugins(suite, registry, args.suite)
+    from eebench.leaderboard import _slug
+
     run_dir = Path(args.out or suite.outputs.run_dir or f"runs/{suite.name}")
     board_dir = Path(args.leaderboards or suite.outputs.leaderboard_dir)
     check_writable(board_dir, "--leaderboards")
+    check_writable(board_dir / _slug(suite.name), "--leaderboards", "a writable folder for the leaderboard's figures")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     device = _device(args.device)
     try:
@@ -84,10 +93,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     command = f"eebench run {args.suite}"
     path = render(run_dir, board_dir, suite.name, suite.targets, suite.description, command, suite.notes,
-                  cell_ids={cell.cell_id for cell in expand(suite)})
-    print(f"{len(report.done)} cells run, {len(report.skipped)} reused, {report.seconds:.1f}s; "
+                  cell_ids={cell.cell_id for cell in expand(suite)}, extra=list(report.unsaved.values()))
+    failed = f", {len(report.failed)} failed" if report.failed else ""
+    print(f"{len(report.done)} cells run, {len(report.skipped)} reused{failed}, {report.seconds:.1f}s; "
           f"results in {run_dir}/cells; leaderboard {path}")
-    return 0
+    if report.unsaved_finished:
+        print(f"eebench: error: {len(report.unsaved_finished)} finished result(s) could not be written to "
+              f"{run_dir}/cells (see the warnings above); they are only in the leaderboard {path}", file=sys.stderr)
+        return EXIT_NOT_SAVED
+    if report.failed:
+        print(f"eebench: error: {len(report.failed)} cell(s) failed: {', '.join(report.failed)}; each error is in its "
+              f"cell file under {run_dir}/cells and in the leaderboard; rerun to retry them", file=sys.stderr)
+        return EXIT_CELLS_FAILED
+    return EXIT_OK
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
@@ -105,7 +123,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eebench", description="Fair benchmarks of early-exit methods.")
+    parser = argparse.ArgumentParser(
+        prog="eebench", description="Fair benchmarks of early-exit methods.",
+        epilog="exit codes: 0 done; 2 bad input, Ctrl-C or a run directory in use by another run (one line, "
+               "finished cells kept); 3 some cells failed (recorded, shown as failed, retried by the next run); "
+               "4 some results could not be written")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     # --debug also after the subcommand; SUPPRESS keeps a subcommand from resetting the top-level flag
     common = argparse.ArgumentParser(add_help=False)

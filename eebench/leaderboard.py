@@ -10,7 +10,7 @@ from typing import Any
 
 import eebench
 from eebench.errors import EebenchError
-from eebench.results import load_results
+from eebench.results import is_failure, load_failures, load_results
 
 PHI_RULE = (
     "Accuracy at φ is chosen on the **calibration** split alone and evaluated on test: on the upper convex "
@@ -129,22 +129,58 @@ def _spend(group: list[dict[str, Any]]) -> str:
     return f"{spend['samples']:,} samples{extra}, {seconds:.1f} s"
 
 
+def _failure_text(failure: dict[str, Any]) -> str:
+    error = failure["error"]
+    plugin = error.get("plugin") or {}
+    text = (f"seed {failure['seed']}: {error.get('type', 'Error')}: {error.get('message', '')} "
+            f"({plugin.get('kind', 'plugin')} '{plugin.get('name', '?')}' of {plugin.get('package', '?')}, "
+            f"during {error.get('phase', '?')})")
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _failed_row(label: str, failures: list[dict[str, Any]], columns: list[float]) -> str:
+    """A "failed" row: the cell (or seeds) of this method that raised, and why."""
+    return (f"| {label} | " + " | ".join("failed" for _ in columns) + " | failed | "
+            + "; ".join(_failure_text(f) for f in failures) + " |")
+
+
 def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
            targets: list[float] | None = None, description: str = "", command: str = "",
-           suite_notes: list[str] | None = None, cell_ids: set[str] | None = None) -> Path:
+           suite_notes: list[str] | None = None, cell_ids: set[str] | None = None,
+           extra: list[dict[str, Any]] | None = None) -> Path:
     """Write ``<leaderboard_dir>/<suite>.md`` and its figures; returns the markdown path.
 
     ``cell_ids`` limits the board to one suite's cells (``eebench run``); without it every newest
-    result in the run directory is shown (``eebench leaderboard``)."""
+    result in the run directory is shown (``eebench leaderboard``). ``extra``: results of this run that
+    could not be written (kept in memory), shown as if read from the run directory. Failed cells get a
+    "failed" row naming the error and the plugin that raised it."""
     results = load_results(run_dir, cell_ids)
-    if not results:
+    failures = load_failures(run_dir, cell_ids)
+    if extra:
+        replaced = {r.get("cell_id") for r in extra}
+        results = [r for r in results if r.get("cell_id") not in replaced]
+        failures = [f for f in failures if f.get("cell_id") not in replaced]
+        results += [r for r in extra if not is_failure(r)]
+        failures += [f for f in extra if is_failure(f)]
+    if not results and not failures:
         raise EebenchError("no readable cell results; expected JSON files written by 'eebench run'",
                            where=str(run_dir / "cells"), key="RUN_DIR")
-    suite_name = suite_name or results[0]["suite"]
-    targets = targets or sorted({float(t) for r in results for t in r["accuracy_at"]})
-    many_budgets = len({r["budget"]["label"] for r in results}) > 1
+    try:
+        return _render(results, failures, leaderboard_dir, suite_name, targets, description, command, suite_notes)
+    except OSError as exc:
+        raise EebenchError(f"cannot write the leaderboard ({exc.strerror or exc}) at {exc.filename or leaderboard_dir}"
+                           "; expected a writable directory", where=str(leaderboard_dir), key="--leaderboards") \
+            from exc
+
+
+def _render(results: list[dict[str, Any]], failures: list[dict[str, Any]], leaderboard_dir: Path,
+            suite_name: str | None, targets: list[float] | None, description: str, command: str,
+            suite_notes: list[str] | None) -> Path:
+    suite_name = suite_name or (results or failures)[0]["suite"]
+    targets = targets or sorted({float(t) for r in results for t in r["accuracy_at"]}) or [1.0]
+    many_budgets = len({r["budget"]["label"] for r in [*results, *failures]}) > 1
     columns = [*targets, 1.0] if 1.0 not in targets else targets
-    first = results[0]["provenance"]
+    first = (results or failures)[0]["provenance"]
     lines = [
         f"# Leaderboard: {suite_name}",
         "",
@@ -153,6 +189,15 @@ def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
         f"(eebench {eebench.__version__}, torch {first['torch']}, device {first['device']}).",
         "",
     ]
+    failed_groups = _group(failures, lambda r: (r["dataset"], r["backbone"]))
+    for (dataset, backbone), failed in failed_groups.items():
+        if not any((r["dataset"], r["backbone"]) == (dataset, backbone) for r in results):
+            lines += [f"## {dataset} · {backbone}", "", "Every cell of this dataset and backbone failed.", "",
+                      "| method | " + " | ".join(f"φ={t:.2f}" for t in columns) + " | hull end: acc (cost) | error |",
+                      "|---" * (len(columns) + 3) + "|"]
+            lines += [_failed_row(label, rows, columns)
+                      for label, rows in _group(failed, lambda r: _row_label(r, many_budgets)).items()]
+            lines.append("")
     for (dataset, backbone), group in _group(results, lambda r: (r["dataset"], r["backbone"])).items():
         base_acc = [a for a in {r["seed"]: r["backbone_test_accuracy"] for r in group}.values()  # one per seed
                     if a is not None]
@@ -179,6 +224,9 @@ def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
             end_cost = statistics.mean(e["test_cost"] for e in end)
             lines.append(f"| {label} | " + " | ".join(cells)
                          + f" | {_fmt([e['test_accuracy'] for e in end])} ({end_cost:.2f}) | {_spend(rows)} |")
+        for label, rows in _group(failed_groups.get((dataset, backbone), []),
+                                  lambda r: _row_label(r, many_budgets)).items():
+            lines.append(_failed_row(label, rows, columns))
         if base_acc:
             lines.append("| backbone (no early exit) | " + " | ".join(
                 _fmt(base_acc) if t >= 1.0 else "—" for t in columns) + f" | {_fmt(base_acc)} (1.00) | base recipe |")
@@ -190,6 +238,11 @@ def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
         lines += _exit_table(group, many_budgets, targets)
         lines += _operating_point_table(group, many_budgets)
     notes = sorted({r["notes"] for r in results if r.get("notes")})
+    if failures:
+        lines += ["## Failed cells", "",
+                  f"{len(failures)} cell(s) raised an error; each is recorded in its cell file (with the traceback) "
+                  "and computed again by the next `eebench run`:", ""]
+        lines += [f"- `{f['cell_id']}`: {_failure_text(f)}" for f in failures] + [""]
     lines += ["## Notes", "", f"- {PHI_RULE}", f"- {COST_RULE}"]
     lines += [f"- {n}" for n in [*(suite_notes or []), *notes]] + [""]
     path = leaderboard_dir / f"{_slug(suite_name)}.md"

@@ -1,7 +1,8 @@
 """Plugin discovery through the ``eebench`` entry-point group, one code path for all.
 
 Each entry point loads in isolation: one that fails to import, or whose register hook
-raises, is reported once and skipped (with nothing of it left registered). Two plugins
+raises (any exception, SystemExit from ``sys.exit()`` included; only KeyboardInterrupt
+stops), is reported once and skipped (with nothing of it left registered). Two plugins
 registering the same name is an error naming both packages.
 """
 
@@ -66,9 +67,13 @@ class Registry:
         known = ", ".join(sorted(table)) or "none installed"
         raise EebenchError(f"unknown {KIND_LABELS[kind]} '{name}'; expected one of: {known}", where=where, key=key)
 
-    def plugin_version(self, kind: str, name: str) -> str:
+    def owner(self, kind: str, name: str) -> str:
+        """The package that registered ``name`` (``timm:x`` -> the ``timm:`` prefix's), or "?"."""
         base = name if name in self.owners[kind] else name.split(":", 1)[0] + ":"
-        package = self.owners[kind].get(base, "?")
+        return self.owners[kind].get(base, "?")
+
+    def plugin_version(self, kind: str, name: str) -> str:
+        package = self.owner(kind, name)
         for info in self.plugins:
             if info.package == package:
                 return f"{package} {info.version}"
@@ -107,9 +112,13 @@ def _register_module(
             impl.function(register=register)
 
 
-def _skip(registry: Registry, entry_point: str, package: str, step: str, exc: Exception) -> None:
+def _skip(registry: Registry, entry_point: str, package: str, step: str, exc: BaseException) -> None:
     """Report a broken plugin once (stderr and ``eebench plugins``) and go on without it."""
-    message = f"plugin '{entry_point}' ({package}) failed to {step}: {type(exc).__name__}: {exc}"
+    text = (str(exc).strip().splitlines() or [""])[0]
+    detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if isinstance(exc, SystemExit):
+        detail = f"SystemExit: it called sys.exit({'' if exc.code is None else repr(exc.code)})"
+    message = f"plugin '{entry_point}' ({package}) failed to {step}: {detail}"
     registry.failures.append(message)
     print(f"eebench: warning: {message}; skipped", file=sys.stderr)
 
@@ -138,7 +147,9 @@ def load_registry(extra_modules: dict[str, ModuleType] | None = None) -> Registr
         package, version = _distribution_of(entry_point)
         try:
             module = entry_point.load()
-        except Exception as exc:  # a broken plugin must not take the CLI down
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a broken plugin (even one calling sys.exit()) must not take the CLI down
             _skip(registry, entry_point.name, package, "load", exc)
             continue
         info = PluginInfo(entry_point=entry_point.name, package=package, version=version)
@@ -146,7 +157,9 @@ def load_registry(extra_modules: dict[str, ModuleType] | None = None) -> Registr
             _register_module(registry, manager, module, info)
         except EebenchError:
             raise  # a name clash is the user's to resolve: it names both packages
-        except Exception as exc:  # a hook that raises must not take the CLI down either
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a hook that raises (or exits) must not take the CLI down either
             _unregister(registry, manager, module, info)
             _skip(registry, entry_point.name, package, "register", exc)
             continue

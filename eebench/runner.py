@@ -1,13 +1,25 @@
-"""Runs a suite: cells in order, finished ones skipped, each result written at once."""
+"""Runs a suite: cells in order, finished ones skipped, each result written at once.
+
+Each cell runs in isolation: an exception inside a method's cell (its construction, fit,
+outputs, calibration) is recorded as a failed-cell file naming the error and the plugin
+and package that raised it, and the run goes on with the other cells. Bad input of the
+suite itself (an ``EebenchError`` while a dataset, base backbone or plugin is prepared from
+the suite's values, before any of the cell's work) stops the run, as ``validate`` would.
+KeyboardInterrupt always stops it. One run at a time holds a run directory (``RUN_DIR/.lock``).
+"""
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import json
+import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,18 +28,18 @@ import torch
 
 import eebench
 from eebench.activations import ActivationCache
-from eebench.basenet import BaseInfo, content_hash, prepare_backbone
+from eebench.basenet import BaseInfo, cache_dir, cache_entry_ready, content_hash, prepare_backbone
 from eebench.calibration import Curve, build_curve
 from eebench.costs import ExitCosts, StageCosts
 from eebench.datasets import DatasetBundle, dataset_labels, seeded_subset_indices, take
-from eebench.errors import EebenchError, build_plugin, check_writable
+from eebench.errors import EebenchError, build_plugin, check_writable, plugin_errors
 from eebench.model import StagedBackbone
-from eebench.plugins import Registry
+from eebench.plugins import KIND_LABELS, Registry
 from eebench.policy import operating_point
-from eebench.results import cell_path, finished, write_atomic
+from eebench.results import FAILED, finished, save_cell
 from eebench.strategy import MethodContext, OperatingPoint
 from eebench.suite import BackboneSpec, Cell, DatasetSpec, Suite, expand
-from eebench.trace import ExitTrace, compute_traces, thresholds_to_json
+from eebench.trace import ExitOutputError, ExitTrace, compute_traces, thresholds_to_json
 
 
 @dataclass
@@ -44,7 +56,19 @@ class RunReport:
     run_dir: Path
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # cells whose failure record is in RUN_DIR/cells
+    # results (finished or failed) that could not be written: kept in memory for this run's leaderboard
+    unsaved: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
+
+    @property
+    def unsaved_finished(self) -> list[str]:
+        return [cell_id for cell_id, result in self.unsaved.items() if result.get("status") != FAILED]
+
+
+#: phases in which the suite's own values are turned into plugins; an EebenchError there is bad input of
+#: the suite (exit code 2, like ``validate``), not a failure of one cell
+SETUP_PHASES = frozenset({"data", "backbone", "method", "budget", "calibrator"})
 
 
 def make_splits(bundle: DatasetBundle, spec: DatasetSpec, seed: int) -> Splits:
@@ -74,19 +98,32 @@ class Runner:
         self.activations = ActivationCache(share=share_activations)
         self._splits: dict[str, Splits] = {}
         self._bases: dict[str, tuple[dict, BaseInfo, StageCosts]] = {}
+        # a dataset or base backbone whose preparation raised: every cell sharing it fails at once with it
+        self._broken: dict[str, BaseException] = {}
+        # (phase, plugin kind, plugin name) of the step running now: who is blamed when a cell fails
+        self.blame: tuple[str, str, str] = ("data", "datasets", "")
+
+    def _blame(self, phase: str, kind: str, name: str) -> None:
+        self.blame = (phase, kind, name)
 
     def _index(self, items: list, item: Any) -> int:
         return next(i for i, x in enumerate(items) if x is item)
 
     def splits(self, spec: DatasetSpec, seed: int) -> Splits:
         key = f"{spec.model_dump_json()}|{seed}"
+        if key in self._broken:
+            raise self._broken[key]
         if key not in self._splits:
             i = self._index(self.suite.datasets, spec)
             factory = self.registry.get("datasets", spec.name, where=self.where, key=f"datasets[{i}].name")
             try:
-                bundle = factory(**spec.params)
-            except EebenchError as exc:
-                raise EebenchError(exc.detail, where=self.where, key=f"datasets[{i}]") from exc
+                with plugin_errors(self.where, f"datasets[{i}]", params_key=f"datasets[{i}].params"):
+                    bundle = factory(**spec.params)
+            except EebenchError:
+                raise
+            except Exception as exc:
+                self._broken[key] = exc
+                raise
             self._splits[key] = make_splits(bundle, spec, seed)
         return self._splits[key]
 
@@ -95,18 +132,42 @@ class Runner:
         factory = self.registry.get("backbones", spec.name, where=self.where, key=f"backbones[{i}].name")
         torch.manual_seed(seed)
         model = build_plugin(factory, self.where, f"backbones[{i}]", (bundle.num_classes, bundle.input_shape),
-                             spec.params, rejects=(TypeError, ValueError, RuntimeError))  # timm: RuntimeError
+                             spec.params, rejects=(TypeError, ValueError, RuntimeError),  # timm: RuntimeError
+                             params_key=f"backbones[{i}].params")
         return model.to(memory_format=torch.channels_last)
 
-    def base(self, cell: Cell, splits: Splits) -> tuple[dict, BaseInfo, StageCosts]:
-        payload = {
+    @staticmethod
+    def base_payload(cell: Cell) -> dict[str, Any]:
+        """What the base backbone's cache key covers."""
+        return {
             "dataset": cell.dataset.model_dump(exclude={"label"}),
             "backbone": cell.backbone.name,
             "backbone_params": cell.backbone.params,
             "recipe": cell.backbone.recipe.model_dump(),
             "seed": cell.seed,
         }
+
+    @classmethod
+    def needs_cache_write(cls, cell: Cell) -> bool:
+        """The cell's base backbone will be trained and written to the cache (no complete entry yet)."""
+        if cell.backbone.checkpoint or cell.backbone.recipe.epochs == 0:
+            return False
+        return not cache_entry_ready(content_hash(cls.base_payload(cell)))
+
+    def base(self, cell: Cell, splits: Splits) -> tuple[dict, BaseInfo, StageCosts]:
+        payload = self.base_payload(cell)
         key = repr(payload) + str(cell.backbone.checkpoint)
+        if key in self._broken:
+            raise self._broken[key]
+        try:
+            return self._base(cell, splits, payload, key)
+        except EebenchError:
+            raise
+        except Exception as exc:
+            self._broken[key] = exc
+            raise
+
+    def _base(self, cell: Cell, splits: Splits, payload: dict, key: str) -> tuple[dict, BaseInfo, StageCosts]:
         if key not in self._bases:
             model = self.build_backbone(cell.backbone, splits.bundle, cell.seed)
             i = self._index(self.suite.backbones, cell.backbone)
@@ -126,12 +187,16 @@ class Runner:
         return self._bases[key]
 
     def run_cell(self, cell: Cell) -> dict[str, Any]:
+        """One cell's result. ``self.blame`` says, while it runs and after it raised, which phase
+        and plugin was at work."""
         phases: dict[str, float] = {}
         tick = time.perf_counter()
+        self._blame("data", "datasets", cell.dataset.name)
         splits = self.splits(cell.dataset, cell.seed)
         phases["data"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
+        self._blame("backbone", "backbones", cell.backbone.name)
         state, base_info, stage_costs = self.base(cell, splits)
         backbone = self.build_backbone(cell.backbone, splits.bundle, cell.seed)
         backbone.load_state_dict(copy.deepcopy(state))
@@ -147,22 +212,34 @@ class Runner:
             fresh_backbone=lambda: self.build_backbone(cell.backbone, splits.bundle, cell.seed).to(self.device),
         )
         self.activations.keep_only(base_info.key)
-        strategy_factory = self.registry.get("exit_strategies", cell.method.name, where=self.where,
-                                             key=f"methods[{m}].name")
+        method = cell.method.name
+        self._blame("method", "exit_strategies", method)
+        strategy_factory = self.registry.get("exit_strategies", method, where=self.where, key=f"methods[{m}].name")
         torch.manual_seed(cell.seed)
         strategy = build_plugin(strategy_factory, self.where, f"methods[{m}].params", (backbone, context),
                                 cell.method.params)
         for module in strategy.modules():
             module.to(self.device)
         b = self._index(self.suite.budgets, cell.budget)
+        self._blame("budget", "budgets", cell.budget.name)
         budget = build_plugin(self.registry.get("budgets", cell.budget.name, where=self.where,
                                                 key=f"budgets[{b}].name"),
                               self.where, f"budgets[{b}].params", params=cell.budget.params)
         budget.bind(len(splits.train))
+        # the calibrator is built before the fit: a parameter value it rejects loses no work
+        calibrator_ref = cell.method.calibrator
+        calibrator_name = calibrator_ref.name if calibrator_ref else strategy.default_calibrator
+        self._blame("calibrator", "calibrators", calibrator_name)
+        calibrator_factory = self.registry.get("calibrators", calibrator_name, where=self.where,
+                                               key=f"methods[{m}].calibrator")
+        calibrator = build_plugin(calibrator_factory, self.where, f"methods[{m}].calibrator.params",
+                                  params=calibrator_ref.params if calibrator_ref else {})
 
         tick = time.perf_counter()
+        self._blame("fit", "exit_strategies", method)
         budget.start()
-        strategy.fit(splits.train, budget)
+        with plugin_errors(self.where, f"methods[{m}]", params_key=f"methods[{m}].params"):
+            strategy.fit(splits.train, budget)  # a plugin's EebenchError (a NaN loss...) is located in the suite
         budget.finish()
         phases["fit"] = time.perf_counter() - tick
         overspent = budget.overspent()  # spend ≤ budget, at the budget's granularity (eebench.budget)
@@ -171,25 +248,31 @@ class Runner:
                 f"{cell.method.display}' ('{cell.method.name}"
             raise EebenchError(f"method '{named}' {overspent}", where=self.where, key=f"methods[{m}]")
 
+        plugin = f"exit strategy '{method}' ({self.registry.owner('exit_strategies', method)})"
         tick = time.perf_counter()
+        self._blame("trace_calibration", "exit_strategies", method)
         calibration_traces = [strategy.calibration_view(trace) for trace in compute_traces(
             strategy, splits.calibration, batch_size=cell.batch_size, device=self.device,
-            description="calibration trace")]
+            description="calibration trace", plugin=plugin)]
         phases["trace_calibration"] = time.perf_counter() - tick
         tick = time.perf_counter()
+        self._blame("trace_test", "exit_strategies", method)
         test_traces = compute_traces(strategy, splits.test, batch_size=cell.batch_size, device=self.device,
-                                     description="test trace")
+                                     description="test trace", plugin=plugin)
         phases["trace_test"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        calibrator_ref = cell.method.calibrator
-        calibrator_name = calibrator_ref.name if calibrator_ref else strategy.default_calibrator
-        calibrator_factory = self.registry.get("calibrators", calibrator_name, where=self.where,
-                                               key=f"methods[{m}].calibrator")
-        calibrator = calibrator_factory(**(calibrator_ref.params if calibrator_ref else {}))
+        self._blame("calibrate", "exit_strategies", method)
         exit_costs = strategy.exit_costs()
+        exits = {trace.num_exits for trace in [*calibration_traces, *test_traces]}
+        if exits != {exit_costs.num_exits}:
+            raise ExitOutputError(f"{plugin}: its traces have {sorted(exits)} exits but exit_costs() "
+                                  f"{exit_costs.num_exits}; expected one number")
         generator = torch.Generator().manual_seed(cell.seed)
-        candidates = [calibrator.thresholds(trace, exit_costs, generator) for trace in calibration_traces]
+        self._blame("calibrate", "calibrators", calibrator_name)
+        with plugin_errors(self.where, f"methods[{m}].calibrator", params_key=f"methods[{m}].calibrator.params"):
+            candidates = [calibrator.thresholds(trace, exit_costs, generator) for trace in calibration_traces]
+        self._blame("calibrate", "exit_strategies", method)
         curve = build_curve(calibration_traces, test_traces, exit_costs, candidates)
         test_trace = test_traces[0]
         no_exit = test_trace.evaluate(no_exit_vector(test_trace), exit_costs)
@@ -320,15 +403,141 @@ def evaluate_operating_points(points: list[OperatingPoint], calibration: list[Ex
     return rows
 
 
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``RUN_DIR/.lock`` (``fcntl.flock``, released by the kernel when the process dies) for the
+    run: a second run into the same directory refuses with one line naming the holder's pid."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    path = run_dir / ".lock"
+    try:
+        handle = open(path, "a+")  # noqa: SIM115 -- held open for the whole run
+    except OSError as exc:
+        raise EebenchError(f"cannot create the run lock {path.name} ({exc.strerror}); expected a writable "
+                           "run directory", where=str(run_dir), key="--out") from exc
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise EebenchError(f"another eebench run (pid {holder}) is using this run directory; expected it "
+                               "to finish first, or another --out", where=str(run_dir), key="--out") from exc
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing releases the lock
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({'' if exc.code is None else repr(exc.code)})"
+    text = " ".join(str(exc).split()) or repr(exc)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _budget_label(registry: Registry, cell: Cell) -> str:
+    """The label a finished result of the cell would show (``Budget.describe()``), so its failed row sits
+    where its result would."""
+    try:
+        return str(registry.get("budgets", cell.budget.name)(**cell.budget.params).describe())
+    except Exception:  # noqa: BLE001 -- a label is not worth a second failure
+        return cell.budget.display
+
+
+def failure_record(suite: Suite, registry: Registry, cell: Cell, exc: BaseException, blame: tuple[str, str, str],
+                   device: torch.device, seconds: float) -> dict[str, Any]:
+    """A failed cell's file: its identity, the error (type, one-line message, phase, the plugin and the
+    package that registered it) and the traceback, for the leaderboard and for debugging."""
+    phase, kind, name = blame
+    return {
+        "schema_version": 1,
+        "status": FAILED,
+        "cell_id": cell.cell_id,
+        "config_hash": cell.config_hash,
+        "config": cell.config(),
+        "suite": suite.name,
+        "dataset": cell.dataset.display,
+        "backbone": cell.backbone.display,
+        "method": cell.method.display,
+        "budget": {"name": cell.budget.name, "params": cell.budget.params, "label": _budget_label(registry, cell)},
+        "seed": cell.seed,
+        "error": {
+            "type": type(exc).__name__,
+            "message": _one_line(exc),
+            "phase": phase,
+            "plugin": {"kind": KIND_LABELS[kind], "name": name, "package": registry.owner(kind, name),
+                       "version": registry.plugin_version(kind, name)},
+            "traceback": "".join(traceback.format_exception(exc)[-12:]),
+        },
+        "provenance": {"eebench": eebench.__version__, "torch": torch.__version__,
+                       "python": platform.python_version(), "device": str(device), "seconds": round(seconds, 3)},
+    }
+
+
+def describe_failure(record: dict[str, Any]) -> str:
+    """``Type: message (exit strategy 'x' of package 'p', during fit)``."""
+    error = record["error"]
+    plugin = error["plugin"]
+    return (f"{error['type']}: {error['message']} ({plugin['kind']} '{plugin['name']}' of package "
+            f"'{plugin['package']}', during {error['phase']})")
+
+
+def _warn(line: str) -> None:
+    print(f"eebench: warning: {line}", file=sys.stderr)
+
+
+def _save(report: RunReport, run_dir: Path, cell_id: str, payload: dict[str, Any], text: str) -> Path | None:
+    """Write a cell's file; when it cannot be written, keep it in memory and say where in one line."""
+    try:
+        return save_cell(run_dir, cell_id, text)
+    except OSError as exc:
+        report.unsaved[cell_id] = payload
+        what = "failure record" if payload.get("status") == FAILED else "result"
+        _warn(f"cannot write the {what} of cell {cell_id} to {exc.filename or run_dir / 'cells'} "
+              f"({exc.strerror or exc}); it is kept in memory for this run's leaderboard and the cell will be "
+              "computed again by the next run")
+        return None
+
+
+def _check_cache(cells: list[Cell]) -> None:
+    """The backbone cache must take the base networks this run will train, before any work."""
+    if any(Runner.needs_cache_write(cell) for cell in cells):
+        check_writable(cache_dir() / "backbones", "EEBENCH_CACHE",
+                       "a writable directory for the backbone cache (set EEBENCH_CACHE)")
+
+
 def run_suite(suite: Suite, registry: Registry, *, suite_path: str, run_dir: Path, device: torch.device,
               only: str | None = None, log: Callable[[str], None] = print,
               share_activations: bool = True) -> RunReport:
-    """Run every cell not already finished; each result is on disk before the next starts."""
+    """Run every cell not already finished; each result is on disk before the next starts.
+
+    A cell that raises is recorded as a failed cell (``RunReport.failed``) and the run goes on;
+    an ``EebenchError`` while the suite's values are turned into a dataset, backbone or plugin
+    (``SETUP_PHASES``) is bad input and stops the run; so does KeyboardInterrupt. Finished
+    cells are always kept.
+    """
     check_writable(run_dir, "--out")
+    check_writable(run_dir / "cells", "--out", "a writable cells/ folder in the run directory")
     cells = [c for c in expand(suite) if only is None or fnmatch.fnmatch(c.cell_id, only)]
     if not cells:
         raise EebenchError(f"no cell matches --only '{only}'; expected a glob over cell ids",
                            where=suite_path, key="--only")
+    with run_lock(run_dir):
+        todo = [c for c in cells if not finished(run_dir, c.cell_id, c.config_hash, str(device))]
+        _check_cache(todo)
+        return _run_cells(suite, registry, cells, suite_path=suite_path, run_dir=run_dir, device=device, log=log,
+                          share_activations=share_activations)
+
+
+def _run_cells(suite: Suite, registry: Registry, cells: list[Cell], *, suite_path: str, run_dir: Path,
+               device: torch.device, log: Callable[[str], None], share_activations: bool) -> RunReport:
     runner = Runner(suite, registry, suite_path=suite_path, device=device, share_activations=share_activations)
     report = RunReport(run_dir)
     start = time.perf_counter()
@@ -339,8 +548,23 @@ def run_suite(suite: Suite, registry: Registry, *, suite_path: str, run_dir: Pat
             continue
         log(f"[{index}/{len(cells)}] {cell.cell_id}: running")
         tick = time.perf_counter()
-        result = runner.run_cell(cell)
-        write_atomic(cell_path(run_dir, cell.cell_id), result)
+        try:
+            result = runner.run_cell(cell)
+            text = json.dumps(result, indent=1, allow_nan=False)  # a result that cannot be saved fails here
+        except KeyboardInterrupt:
+            raise
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 -- one bad cell must not sink the suite
+            if isinstance(exc, EebenchError) and runner.blame[0] in SETUP_PHASES:
+                raise  # bad input of the suite: one line, exit code 2, finished cells kept
+            record = failure_record(suite, registry, cell, exc, runner.blame, device, time.perf_counter() - tick)
+            path = _save(report, run_dir, cell.cell_id, record, json.dumps(record, indent=1, default=str))
+            report.failed.append(cell.cell_id)
+            where = f"; recorded in {path}" if path else ""
+            log(f"[{index}/{len(cells)}] {cell.cell_id}: FAILED after {time.perf_counter() - tick:.1f}s: "
+                f"{describe_failure(record)}{where}")
+            sys.stdout.flush()
+            continue
+        _save(report, run_dir, cell.cell_id, result, text)
         report.done.append(cell.cell_id)
         at = ", ".join(f"φ={k}: {v['accuracy']:.3f}" if v else f"φ={k}: —" for k, v in result["accuracy_at"].items())
         log(f"[{index}/{len(cells)}] {cell.cell_id}: done in {time.perf_counter() - tick:.1f}s ({at})")

@@ -64,7 +64,7 @@ from eebench.plugins import Registry, default_registry
 from eebench.runner import Runner
 from eebench.strategy import ExitStrategy
 from eebench.suite import BackboneSpec, DatasetSpec, MethodSpec, PluginRef, Recipe, Suite, check_plugins, expand
-from eebench.trace import ExitTrace, compute_traces
+from eebench.trace import ExitTrace, compute_traces, output_problem, trace_problem
 
 __all__ = ["CHECKS", "ConformanceError", "ConformanceReport", "TestSplitSentinel", "check_exit_strategy"]
 
@@ -303,57 +303,17 @@ class _Probe:
     def check_batch(self, strategy: ExitStrategy, out: Any, batch: int, where: str) -> None:
         if "outputs" in self.skipped:
             return
-        preds, scores = getattr(out, "preds", None), getattr(out, "scores", None)
-        if not isinstance(preds, torch.Tensor) or not isinstance(scores, torch.Tensor):
-            raise self.fail("outputs", f"{where} returned {type(out).__name__}; expected ExitOutputs(preds, scores) "
-                                       "of tensors")
-        variants = len(strategy.variant_names())
-        shape = list(preds.shape)
-        if list(scores.shape) != shape:
-            raise self.fail("outputs", f"{where}: preds are {shape} but scores {list(scores.shape)}; expected the "
-                                       "same shape")
-        if preds.ndim not in (2, 3) or (preds.ndim == 2 and variants != 1) or (
-                preds.ndim == 3 and shape[0] != variants):
-            raise self.fail("outputs", f"{where}: outputs are {shape}; expected [E, B] or [P, E, B] with P == "
-                                       f"len(variant_names()) == {variants}")
-        if shape[-1] != batch:
-            raise self.fail("outputs", f"{where}: outputs are {shape} for a batch of {batch}; expected the batch "
-                                       "as the last dimension ([E, B] or [P, E, B])")
-        self._check_values(strategy, preds, scores, where)
-
-    def _check_values(self, strategy: ExitStrategy, preds: torch.Tensor, scores: torch.Tensor, where: str) -> None:
-        if preds.is_floating_point() or preds.is_complex() or preds.dtype == torch.bool:
-            raise self.fail("outputs", f"{where}: preds have dtype {preds.dtype}; expected integer class ids")
-        if not scores.is_floating_point():
-            raise self.fail("outputs", f"{where}: scores have dtype {scores.dtype}; expected a floating dtype")
-        if preds.shape[-2] < 1:
-            raise self.fail("outputs", f"{where}: no exit in outputs of shape {list(preds.shape)}")
-        nan = torch.isnan(scores)
-        if bool(nan.any()):
-            exits = sorted({int(j) for j in nan.nonzero()[:, -2]})
-            raise self.fail("outputs", f"{where}: {int(nan.sum())} NaN scores (at exits {exits}); expected finite "
-                                       "scores or +-inf")
-        k = strategy.context.num_classes
-        bad = (preds < 0) | (preds >= k)
-        if bool(bad.any()):
-            raise self.fail("outputs", f"{where}: {int(bad.sum())} predictions outside [0, {k}) (e.g. "
-                                       f"{int(preds[bad][0])}); expected class ids")
+        problem = output_problem(out, variants=len(strategy.variant_names()), batch=batch,
+                                 num_classes=strategy.context.num_classes)  # the core's own boundary check
+        if problem:
+            raise self.fail("outputs", f"{where}: {problem}")
 
     def check_trace(self, strategy: ExitStrategy, trace: Any, samples: int, where: str) -> None:
         if "outputs" in self.skipped:
             return
-        if not isinstance(trace, ExitTrace):
-            raise self.fail("outputs", f"{where} returned {type(trace).__name__}; expected an ExitTrace")
-        preds, scores, labels = trace.preds, trace.scores, trace.labels
-        if preds.ndim != 2 or list(scores.shape) != list(preds.shape) or list(labels.shape) != [preds.shape[1]]:
-            raise self.fail("outputs", f"{where}: trace preds {list(preds.shape)}, scores {list(scores.shape)}, "
-                                       f"labels {list(labels.shape)}; expected [E, N], [E, N] and [N]")
-        if preds.shape[1] != samples:
-            raise self.fail("outputs", f"{where}: a trace of {preds.shape[1]} samples for a split of {samples}")
-        self._check_values(strategy, preds, scores, where)
-        k = strategy.context.num_classes
-        if labels.is_floating_point() or bool(((labels < 0) | (labels >= k)).any()):
-            raise self.fail("outputs", f"{where}: trace labels are not class ids in [0, {k})")
+        problem = trace_problem(trace, samples=samples, num_classes=strategy.context.num_classes)
+        if problem:
+            raise self.fail("outputs", f"{where}: {problem}")
 
     def check_isolation(self) -> None:
         if self.sentinel is not None and self.sentinel.reads:

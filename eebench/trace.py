@@ -27,6 +27,69 @@ def thresholds_to_json(row: torch.Tensor) -> list[float | str | None]:
     return [None if t == float("inf") else "-inf" if t == float("-inf") else float(t) for t in row]
 
 
+class ExitOutputError(ValueError):
+    """A method's exit outputs break the contract the harness relies on (shape, dtype, NaN score,
+    class id outside [0, K)); the message names the plugin."""
+
+
+def output_values_problem(preds: torch.Tensor, scores: torch.Tensor, num_classes: int | None) -> str | None:
+    """What is wrong with the values of exit outputs or a trace ([E, B] or [P, E, B]), or None:
+    preds integer class ids in [0, K), scores floating (+-inf allowed), no NaN score."""
+    if preds.is_floating_point() or preds.is_complex() or preds.dtype == torch.bool:
+        return f"preds have dtype {preds.dtype}; expected integer class ids"
+    if not scores.is_floating_point():
+        return f"scores have dtype {scores.dtype}; expected a floating dtype"
+    if preds.ndim < 2 or preds.shape[-2] < 1:
+        return f"no exit in outputs of shape {list(preds.shape)}"
+    nan = torch.isnan(scores)
+    if bool(nan.any()):
+        exits = sorted({int(j) for j in nan.nonzero()[:, -2]})
+        return f"{int(nan.sum())} NaN scores (at exits {exits}); expected finite scores or +-inf"
+    if num_classes is not None:
+        bad = (preds < 0) | (preds >= num_classes)
+        if bool(bad.any()):
+            return (f"{int(bad.sum())} predictions outside [0, {num_classes}) (e.g. {int(preds[bad][0])}); "
+                    "expected class ids")
+    return None
+
+
+def output_problem(out: object, *, variants: int, batch: int, num_classes: int | None) -> str | None:
+    """What is wrong with one batch of ``exit_outputs`` / ``cached_outputs``, or None: the contract of
+    ``ExitOutputs`` (both [E, B], or [P, E, B] with P == ``variants``) and its values. The one check
+    the core (``compute_traces``) and the conformance kit (``eebench.testing``) both run."""
+    preds, scores = getattr(out, "preds", None), getattr(out, "scores", None)
+    if not isinstance(preds, torch.Tensor) or not isinstance(scores, torch.Tensor):
+        return f"returned {type(out).__name__}; expected ExitOutputs(preds, scores) of tensors"
+    shape = list(preds.shape)
+    if list(scores.shape) != shape:
+        return f"preds are {shape} but scores {list(scores.shape)}; expected the same shape"
+    if preds.ndim not in (2, 3) or (preds.ndim == 2 and variants != 1) or (preds.ndim == 3 and shape[0] != variants):
+        return f"outputs are {shape}; expected [E, B] or [P, E, B] with P == len(variant_names()) == {variants}"
+    if shape[-1] != batch:
+        return f"outputs are {shape} for a batch of {batch}; expected the batch as the last dimension ([E, B] or " \
+               "[P, E, B])"
+    return output_values_problem(preds, scores, num_classes)
+
+
+def trace_problem(trace: object, *, samples: int, num_classes: int | None) -> str | None:
+    """What is wrong with a trace a method hands the harness (``precomputed_trace``,
+    ``calibration_view``), or None."""
+    if not isinstance(trace, ExitTrace):
+        return f"returned {type(trace).__name__}; expected an ExitTrace"
+    preds, scores, labels = trace.preds, trace.scores, trace.labels
+    if preds.ndim != 2 or list(scores.shape) != list(preds.shape) or list(labels.shape) != [preds.shape[1]]:
+        return (f"trace preds {list(preds.shape)}, scores {list(scores.shape)}, labels {list(labels.shape)}; "
+                "expected [E, N], [E, N] and [N]")
+    if preds.shape[1] != samples:
+        return f"a trace of {preds.shape[1]} samples for a split of {samples}"
+    problem = output_values_problem(preds, scores, num_classes)
+    if problem:
+        return problem
+    if num_classes is not None and (labels.is_floating_point() or bool(((labels < 0) | (labels >= num_classes)).any())):
+        return f"trace labels are not class ids in [0, {num_classes})"
+    return None
+
+
 @dataclass
 class Evaluation:
     """Results of V threshold vectors on one trace."""
@@ -115,23 +178,44 @@ def compute_traces(
     batch_size: int,
     device: torch.device | str,
     description: str = "trace",
+    plugin: str | None = None,
 ) -> list[ExitTrace]:
     """One batched pass over ``dataset`` collecting every exit's prediction and score.
 
     A method whose outputs carry a leading variant dimension ([P, E, B]: one decision rule
     per hyper-parameter value, e.g. BWDS's lambda) gets one trace per variant, all from
     the same pass.
+
+    Every batch (and a precomputed trace) is checked at this boundary (``output_problem``):
+    a wrong shape or dtype, a NaN score or a class id outside [0, K) raises ExitOutputError
+    naming ``plugin`` (by default the strategy's class).
     """
+    name = plugin or f"exit strategy {type(strategy).__name__}"
+    context = getattr(strategy, "context", None)
+    num_classes = getattr(context, "num_classes", None)
+    variants = len(strategy.variant_names())
     cached = strategy.precomputed_trace(dataset)
     if cached is not None:
-        return cached if isinstance(cached, list) else [cached]
+        traces = cached if isinstance(cached, list) else [cached]
+        if len(traces) != variants:
+            raise ExitOutputError(f"{name}: {description}: precomputed_trace returned {len(traces)} traces for "
+                                  f"{variants} variants; expected one per variant_names() entry")
+        for trace in traces:
+            problem = trace_problem(trace, samples=len(dataset), num_classes=num_classes)
+            if problem:
+                raise ExitOutputError(f"{name}: {description}: precomputed_trace {problem}")
+        return traces
     strategy.eval()
     batches = strategy.cached_outputs(dataset)
+    source = "exit_outputs" if batches is None else "cached_outputs"
     if batches is None:  # the usual case: one batched pass over the images
         batches = ((strategy.exit_outputs(x), y)
                    for x, y in iterate_batches(dataset, batch_size, device=device, description=description))
     preds, scores, labels = [], [], []
-    for out, y in batches:
+    for index, (out, y) in enumerate(batches):
+        problem = output_problem(out, variants=variants, batch=int(y.shape[0]), num_classes=num_classes)
+        if problem:
+            raise ExitOutputError(f"{name}: {description}, batch {index}: {source} {problem}")
         preds.append(out.preds.cpu())
         scores.append(out.scores.double().cpu())
         labels.append(y.cpu())

@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -52,6 +53,7 @@ from eebench.api import (
     ExitOutputs,
     ExitStrategy,
     MethodContext,
+    Params,
     StagedBackbone,
     count_macs,
     entropy_macs,
@@ -73,14 +75,37 @@ WEIGHT_PRESETS: dict[str, tuple[float, float, float]] = {
 }
 
 
+class BranchyNetParams(Params):
+    """``weights``: a preset name or 3 loss weights; see the class for the rest."""
+
+    weights: Any = "e2cm"
+    second_at: float = Field(1 / 3, gt=0, lt=1)
+    branch_channels: int | None = Field(None, ge=1, le=4096)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    from_scratch: bool = False
+    schedule: Literal["cosine", "constant"] = "cosine"
+    count_softmax: bool = False
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: Any) -> str | list[float]:
+        numbers = isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        if not isinstance(value, str) and not numbers:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_PRESETS)} or a list of 3 numbers, "
+                             f"got {value!r}")
+        resolve_weights(value)
+        return value if isinstance(value, str) else [float(v) for v in value]
+
+
 class Branch(nn.Module):
     """MaxPool 2 (maps ≥ 8 wide), conv3×3+BN+ReLU, average-pool to ≤ 4×4, Linear."""
 
     def __init__(self, shape: tuple[int, ...], num_classes: int, channels: int | None = None) -> None:
         super().__init__()
         if len(shape) != 3:
-            raise MethodConfigError(f"a BranchyNet branch needs a [C, H, W] feature map, got {list(shape)}",
-                                    key="branchynet")
+            raise MethodConfigError(f"a BranchyNet branch needs a [C, H, W] feature map, got {list(shape)}")
         in_channels, height, width = (int(d) for d in shape)
         self.shape = (in_channels, height, width)
         out_channels = int(channels or in_channels)
@@ -112,12 +137,12 @@ def resolve_weights(weights: str | Sequence[float]) -> tuple[float, float, float
     if isinstance(weights, str):
         if weights not in WEIGHT_PRESETS:
             raise MethodConfigError(f"weights must be one of {', '.join(WEIGHT_PRESETS)} or a list of 3 numbers, "
-                                    f"got {weights!r}", key="branchynet.weights")
+                                    f"got {weights!r}", key="weights")
         return WEIGHT_PRESETS[weights]
     values = [float(w) for w in weights]
     if len(values) != 3 or any(w < 0 or not math.isfinite(w) for w in values) or not any(values):
         raise MethodConfigError(f"weights must be 3 non-negative numbers (branch 1, branch 2, final), got {values}",
-                                key="branchynet.weights")
+                                key="weights")
     return values[0], values[1], values[2]
 
 
@@ -128,7 +153,7 @@ def place_branches(backbone: StagedBackbone, context: MethodContext, second_at: 
     candidates = [s for s in backbone.exit_points if 0 < s < last]
     if not candidates:
         raise MethodConfigError(f"{backbone.backbone_name} has no exit point between its stem and its last stage "
-                                "for the second branch", key="branchynet")
+                                "for the second branch")
     second = min(candidates, key=lambda s: (abs(costs.through(s) / costs.total - second_at), s))
     return [0, second]
 
@@ -153,6 +178,8 @@ def entropy_thresholds(score_thresholds: torch.Tensor, num_classes: int) -> torc
 class BranchyNet(ExitStrategy):
     """Two entropy-gated side branches trained jointly with the backbone (module docstring)."""
 
+    Params = BranchyNetParams
+
     strict = True
     default_calibrator = "per-exit-bisection"
 
@@ -171,11 +198,11 @@ class BranchyNet(ExitStrategy):
     ) -> None:
         super().__init__(backbone, context)
         self.loss_weights = resolve_weights(weights)
-        if not 0 < float(second_at) < 1:
-            raise MethodConfigError(f"second_at must be in (0, 1), got {second_at}", key="branchynet.second_at")
-        self.lr = check_positive(lr, "branchynet.lr")
-        self.schedule = check_schedule(schedule, "branchynet.schedule")
-        self.weight_decay = check_positive(weight_decay, "branchynet.weight_decay", allow_zero=True)
+        if not 0 < float(second_at) < 1:  # NaN fails too
+            raise MethodConfigError(f"second_at must be in (0, 1), got {second_at}", key="second_at")
+        self.lr = check_positive(lr, "lr")
+        self.schedule = check_schedule(schedule, "schedule")
+        self.weight_decay = check_positive(weight_decay, "weight_decay", allow_zero=True)
         self.from_scratch, self.count_softmax = bool(from_scratch), bool(count_softmax)
         self.branch_stages = place_branches(backbone, context, float(second_at))
         shapes = context.stage_costs.stage_shapes
@@ -220,11 +247,11 @@ class BranchyNet(ExitStrategy):
 
     def fit(self, train: Dataset, budget: Budget) -> None:
         if self.from_scratch:
-            reset_to_fresh(self.backbone, self.context, "branchynet.from_scratch")
+            reset_to_fresh(self.backbone, self.context, "from_scratch")
         per_sample = self.context.stage_costs.total + math.fsum(self._branch_macs)
         train_jointly(self.backbone, self.branches, lambda x, y: self.loss(self.logits(x), y), train, budget,
                       self.context, lr=self.lr, weight_decay=self.weight_decay, per_sample_macs=per_sample,
-                      description="branchynet", schedule=self.schedule, key="branchynet.lr")
+                      description="branchynet", schedule=self.schedule, key="lr")
 
     def native_thresholds(self, thresholds: torch.Tensor) -> dict[str, Any]:
         """Calibrated score thresholds as the paper's entropy thresholds T_n ∈ [0, ln K] (exit when H < T_n)."""

@@ -1,15 +1,39 @@
-"""Built-in training budgets: epochs, samples and wall seconds."""
+"""Built-in training budgets: epochs, samples and wall seconds.
+
+Each declares its parameters (``Params``): a positive, finite amount with a sane ceiling, so
+``eebench validate`` refuses a budget the run could not honour (``epochs: .inf`` would overflow
+the sample count).
+"""
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from eebench import hookimpl
-from eebench.api import TrainingBudget
+from eebench.api import Params, TrainingBudget
+
+MAX_EPOCHS = 1_000_000
+MAX_SAMPLES = 10**15
+MAX_SECONDS = 1e9  # about 31 years
+
+
+class EpochsParams(Params):
+    epochs: float = Field(1, gt=0, le=MAX_EPOCHS)
+
+
+class SamplesParams(Params):
+    samples: int = Field(gt=0, le=MAX_SAMPLES)
+
+
+class SecondsParams(Params):
+    seconds: float = Field(gt=0, le=MAX_SECONDS)
 
 
 class EpochsBudget(TrainingBudget):
     """``epochs`` passes over the training split (fractions allowed)."""
 
     name = "epochs"
+    Params = EpochsParams
 
     def __init__(self, epochs: float = 1) -> None:
         if epochs <= 0:
@@ -28,6 +52,7 @@ class SamplesBudget(TrainingBudget):
     """A fixed number of training samples, whatever the dataset size."""
 
     name = "samples"
+    Params = SamplesParams
 
     def __init__(self, samples: int) -> None:
         if samples <= 0:
@@ -39,6 +64,7 @@ class SecondsBudget(TrainingBudget):
     """Wall-clock seconds of fitting; machine-dependent by nature, so results say so."""
 
     name = "seconds"
+    Params = SecondsParams
 
     def __init__(self, seconds: float) -> None:
         if seconds <= 0:

@@ -86,9 +86,11 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -102,6 +104,7 @@ from eebench.api import (
     MethodContext,
     Spend,
     StagedBackbone,
+    check_finite_loss,
     count_macs,
     elementwise_macs,
     entropy_macs,
@@ -109,10 +112,25 @@ from eebench.api import (
     sort_macs,
 )
 from eebench_plugins.internal_classifiers import ic_reducer
-from eebench_plugins.sdn import REDUCER_KEY, SDN, SDN_FRACTIONS, drop_lr, index_dataset, lr_drop_at
+from eebench_plugins.sdn import REDUCER_KEY, SDN, SDN_FRACTIONS, ICParams, drop_lr, index_dataset, lr_drop_at
 
 DEFAULT_LAMBDAS = tuple(float(v) for v in torch.logspace(-4, 1, 25, dtype=torch.float64))
 SCHEDULES = ("per-exit", "ics-first")
+
+
+class BWDSParams(ICParams):
+    """SDN's IC parameters plus ``lambdas`` (rule variants), ``policy_lr`` and ``schedule``."""
+
+    lambdas: list[float] = Field(default_factory=lambda: list(DEFAULT_LAMBDAS), max_length=1000)
+    policy_lr: float = Field(1e-2, gt=0)
+    schedule: Literal["per-exit", "ics-first"] = "per-exit"
+
+    @field_validator("lambdas")
+    @classmethod
+    def _lambdas(cls, value: list[float]) -> list[float]:
+        if not value or any(not v > 0 for v in value):
+            raise ValueError(f"lambdas must be a non-empty list of positive numbers, got {value}")
+        return value
 
 
 def policy_inputs(logits: torch.Tensor) -> torch.Tensor:
@@ -244,6 +262,8 @@ class _PhaseBudget:
 class BWDS(SDN):
     """SDN ICs + backward-trained WBC decision functions, one rule variant per λ (module doc)."""
 
+    Params = BWDSParams
+
     strict = True
     chained = False
     default_calibrator = "per-exit-bisection"
@@ -274,12 +294,12 @@ class BWDS(SDN):
         values = [float(v) for v in lambdas]
         if not values or any(not (math.isfinite(v) and v > 0) for v in values):
             raise EebenchError(f"lambdas must be a non-empty list of positive numbers, got {list(lambdas)}",
-                               key="bwds.lambdas")
-        if policy_lr <= 0:
-            raise EebenchError(f"policy_lr must be > 0, got {policy_lr}", key="bwds.policy_lr")
+                               key="lambdas")
+        if not policy_lr > 0:
+            raise EebenchError(f"policy_lr must be > 0, got {policy_lr}", key="policy_lr")
         if schedule not in SCHEDULES:
             raise EebenchError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}",
-                               key="bwds.schedule")
+                               key="schedule")
         self.schedule = schedule
         self.lambdas = torch.tensor(values, dtype=torch.float64)
         self.policy_lr = float(policy_lr)
@@ -371,7 +391,7 @@ class BWDS(SDN):
         costs = self.exit_costs().normalised()
         lambdas = self.lambdas.to(ctx.device)
         ic = self.ics[j]
-        ic_optimizer, drop_at, seen = None, lr_drop_at(ic_share, len(labels)), 0
+        ic_optimizer, drop_at, seen, policy_seen = None, lr_drop_at(ic_share, len(labels)), 0, 0
         if train_ic:  # the IC rides along: one CE step per batch, 3 × its MACs per sample (as SDN)
             ic_optimizer = torch.optim.Adam(ic.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         for x, y in batches:
@@ -380,6 +400,7 @@ class BWDS(SDN):
                 ic.train()
                 ic_loss = F.cross_entropy(ic.forward_pooled(features[j][rows].to(ctx.device).float()),
                                           y.to(ctx.device))
+                check_finite_loss(ic_loss, f"BWDS IC {j} loss after {seen} samples")
                 ic_optimizer.zero_grad(set_to_none=True)
                 ic_loss.backward()
                 ic_optimizer.step()
@@ -396,6 +417,14 @@ class BWDS(SDN):
             logits = policy.logits(j, inputs[0])
             loss = F.binary_cross_entropy_with_logits(logits, targets.float(), weight=weights.float(),
                                                       reduction="sum") / max(1, int(rows.numel()))
+            where = f"BWDS decision function {j} loss after {policy_seen} samples"
+            try:
+                check_finite_loss(loss, where, key="policy_lr", hint="try a lower policy_lr")
+            except EebenchError:
+                if not bool(torch.isfinite(inputs[0]).all()):  # its inputs blew up: IC j's lr, not policy_lr
+                    check_finite_loss(loss, f"{where} (IC {j} outputs are not finite)")
+                raise
+            policy_seen += int(rows.numel())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

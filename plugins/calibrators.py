@@ -7,9 +7,26 @@ evaluates those vectors on test; a calibrator never sees the test split.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from eebench import hookimpl
-from eebench.api import Calibrator, ExitCosts, ExitTrace, exit_fires
+from eebench.api import Calibrator, ExitCosts, ExitTrace, Params, exit_fires
+
+MAX_CANDIDATES = 100_000  # threshold vectors one calibrator proposes (memory grows with them)
+
+
+class PerExitBisectionParams(Params):
+    targets: int = Field(1000, ge=1, le=MAX_CANDIDATES)
+    sweeps: int = Field(4, ge=1, le=1000)
+    tolerance: float = Field(5e-4, ge=0, le=1)
+
+
+class SharedThresholdParams(Params):
+    points: int = Field(1000, ge=1, le=MAX_CANDIDATES)
+
+
+class RandomSearchParams(Params):
+    samples: int = Field(100, ge=1, le=MAX_CANDIDATES)
 
 
 def _boundaries(sorted_desc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,6 +132,8 @@ class PerExitBisection(Calibrator):
     ``targets`` cost targets spaced evenly over (0, 1] (1000: the paper's 0.001 grid).
     """
 
+    Params = PerExitBisectionParams
+
     def __init__(self, targets: int = 1000, sweeps: int = 4, tolerance: float = 5e-4) -> None:
         self.targets = targets
         self.sweeps = sweeps
@@ -129,6 +148,8 @@ class PerExitBisection(Calibrator):
 class SharedThresholdSweep(Calibrator):
     """One threshold shared by every exit, swept over quantiles of all calibration scores."""
 
+    Params = SharedThresholdParams
+
     def __init__(self, points: int = 1000) -> None:
         self.points = points
 
@@ -142,6 +163,8 @@ class SharedThresholdSweep(Calibrator):
 
 class RandomSearch(Calibrator):
     """The E2CM code's baseline: thresholds drawn uniformly at random (in quantile space)."""
+
+    Params = RandomSearchParams
 
     def __init__(self, samples: int = 100) -> None:
         self.samples = samples

@@ -49,6 +49,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -56,18 +57,66 @@ from eebench import hookimpl
 from eebench.api import (
     Budget,
     Calibrator,
+    EebenchError,
     ExitCosts,
     ExitOutputs,
     ExitStrategy,
     ExitTrace,
     MethodContext,
+    Params,
     StagedBackbone,
+    check_finite_loss,
     count_macs,
     iterate_batches,
 )
 
 MAX_BETA = 0.99  # the β search's highest level and upper clamp
 DEFAULT_TOLERANCES = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5)
+MIN_STEP = 1e-4  # the β search's finest step (0.99 / step levels per exit)
+
+
+class ClassExclusionParams(Params):
+    """``exit_stages``: increasing exit points before the last stage (default: all of them; checked
+    against the backbone when the cell starts); the rest as in the class docstring."""
+
+    exit_stages: list[int] | None = None
+    expansion: int = Field(1, ge=1, le=64)
+    pos_weight: float | None = Field(None, gt=0)
+    lr: float = Field(0.02, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    from_scratch: bool = False
+
+    @field_validator("exit_stages")
+    @classmethod
+    def _stages(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or any(s < 0 for s in value) or value != sorted(set(value))):
+            raise ValueError(f"exit_stages must be a non-empty increasing list of exit points (>= 0), got {value}")
+        return value
+
+
+class ClassExclusionSearchParams(Params):
+    """``tolerances``: accuracy drops in [0, 1] (one β vector each); ``step``: the β search's step;
+    ``order``: the exits' search order (default: by the MACs of the segment before each)."""
+
+    tolerances: list[float] = Field(default_factory=lambda: list(DEFAULT_TOLERANCES), min_length=1, max_length=1000)
+    step: float = Field(0.01, ge=MIN_STEP, le=MAX_BETA)
+    order: list[int] | None = None
+
+    @field_validator("tolerances")
+    @classmethod
+    def _tolerances(cls, value: list[float]) -> list[float]:
+        bad = [t for t in value if not 0 <= t <= 1]
+        if bad:
+            raise ValueError(f"tolerances must be accuracy drops in [0, 1], got {bad[0]}")
+        return value
+
+    @field_validator("order")
+    @classmethod
+    def _order(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (any(j < 0 for j in value) or len(set(value)) != len(value)):
+            raise ValueError(f"order must list distinct exit indices (>= 0), got {value}")
+        return value
 
 
 class ExclusionHead(nn.Module):
@@ -153,6 +202,7 @@ class ClassExclusionTrace(ExitTrace):
 class ClassExclusion(ExitStrategy):
     """Exclusion heads trained jointly with the backbone; see the module docstring."""
 
+    Params = ClassExclusionParams
     default_calibrator = "class-exclusion-search"
     notes = (
         "Class exclusion: backbone + exclusion heads trained jointly from the cached base network under the "
@@ -180,10 +230,12 @@ class ClassExclusion(ExitStrategy):
         stages = list(exit_stages) if exit_stages is not None else [p for p in backbone.exit_points if p < last]
         if not stages or any(s not in backbone.exit_points or s >= last for s in stages) or stages != sorted(
                 set(stages)):
-            raise ValueError(f"exit_stages must be increasing exit points before the last stage "
-                             f"{[p for p in backbone.exit_points if p < last]}, got {stages}")
-        if lr <= 0 or expansion < 1:
-            raise ValueError("lr must be > 0 and expansion >= 1")
+            raise EebenchError(f"exit_stages must be increasing exit points before the last stage "
+                               f"{[p for p in backbone.exit_points if p < last]}, got {stages}", key="exit_stages")
+        if not lr > 0:
+            raise EebenchError(f"lr must be > 0, got {lr}", key="lr")
+        if expansion < 1:
+            raise EebenchError(f"expansion must be >= 1, got {expansion}", key="expansion")
         k = context.num_classes
         self.exit_stages = stages
         self.pos_weight = float(pos_weight) if pos_weight is not None else 4.0 * (k - 1)
@@ -225,7 +277,8 @@ class ClassExclusion(ExitStrategy):
         ctx = self.context
         if self.from_scratch:
             if ctx.fresh_backbone is None:
-                raise ValueError("from_scratch needs a fresh backbone from the harness (context.fresh_backbone)")
+                raise EebenchError("from_scratch needs a fresh backbone from the harness (context.fresh_backbone); "
+                                   "expected a run through eebench", key="from_scratch")
             self.backbone.load_state_dict(ctx.fresh_backbone().state_dict())
         parameters = [*self.backbone.parameters(), *self.heads.parameters()]
         optimizer = torch.optim.SGD(parameters, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
@@ -241,8 +294,7 @@ class ClassExclusion(ExitStrategy):
                     group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * min(seen / planned, 1.0)))
             head_logits, final_logits = self._forward(x)
             loss = self.loss(head_logits, final_logits, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"class exclusion loss is {loss.item()} after {seen} samples")
+            check_finite_loss(loss, f"class exclusion training loss after {seen} samples")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -325,17 +377,27 @@ def search_order(costs: ExitCosts) -> list[int]:
 class ClassExclusionSearch(Calibrator):
     """β vectors from the paper's greedy search, one per accuracy tolerance."""
 
+    Params = ClassExclusionSearchParams
+    for_methods = (ClassExclusion,)  # it searches only this method's trace (and subclasses'); checked by validate
+
     def __init__(self, tolerances: Sequence[float] = DEFAULT_TOLERANCES, step: float = 0.01,
                  order: Sequence[int] | None = None) -> None:
-        if not tolerances or any(t < 0 for t in tolerances) or not 0 < step <= MAX_BETA:
-            raise ValueError(f"tolerances must be a non-empty list of values >= 0 and 0 < step <= {MAX_BETA}")
+        if not tolerances or any(not 0 <= t <= 1 for t in tolerances) or not MIN_STEP <= step <= MAX_BETA:
+            raise ValueError(f"tolerances must be a non-empty list of values in [0, 1] and {MIN_STEP} <= step <= "
+                             f"{MAX_BETA}")
         self.tolerances, self.step = [float(t) for t in tolerances], float(step)
         self.order = list(order) if order is not None else None
 
     def thresholds(self, trace: ExitTrace, costs: ExitCosts, generator: torch.Generator) -> torch.Tensor:
         if not isinstance(trace, ClassExclusionTrace):
-            raise ValueError("class-exclusion-search calibrates only the class-exclusion method")
+            raise EebenchError(f"class-exclusion-search calibrates only the class-exclusion method, got a "
+                               f"{type(trace).__name__}; expected calibrator: class-exclusion-search only on "
+                               "method class-exclusion")
         order = self.order if self.order else search_order(costs)
+        heads = int(trace.exclusion_scores.shape[0])
+        if any(not 0 <= j < heads for j in order):
+            raise EebenchError(f"order {list(order)} names exits outside 0..{heads - 1}; expected indices of this "
+                               f"method's {heads} exclusion exits", key="order")
         vectors = torch.stack([search_betas(trace, order, t, self.step) for t in self.tolerances])
         return torch.where(vectors > 0, vectors, torch.full_like(vectors, float("inf")))  # β = 0: exit off
 

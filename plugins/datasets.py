@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import math
 import os
 import pickle
 import struct
@@ -26,9 +27,19 @@ import torch
 from torch.utils.data import Dataset
 
 from eebench import hookimpl
-from eebench.api import DatasetBundle, EebenchError, TensorImageDataset, random_crop_flip
+from eebench.api import DatasetBundle, EebenchError, TensorImageDataset, params_model, random_crop_flip
+from eebench_plugins.dataset_params import FileDatasetParams, ImageFolderParams, SVHNParams
 
-KEY = "datasets"
+try:  # numpy 2
+    from numpy._core import multiarray as _multiarray
+    from numpy._core import numeric as _numeric
+except ImportError:  # numpy 1
+    from numpy.core import multiarray as _multiarray
+    from numpy.core import numeric as _numeric
+
+#: The key (relative to the dataset's params; the core prefixes ``datasets[i].params``) of a
+#: problem with the files a dataset reads: ``root`` chooses where they are.
+KEY = "root"
 
 #: Where the Debian package ``dataset-fashion-mnist`` installs the IDX files; a module-level
 #: constant so tests (and unusual installs) can point it elsewhere.
@@ -120,7 +131,7 @@ def _torchvision_download(title: str, target: Path, fetch: Callable[[], object])
         raise EebenchError(
             f"downloading {title} into {target} failed ({reason}); check the network or place a "
             f"copy there by hand",
-            key=KEY,
+            key="download",
         ) from exc
 
 
@@ -157,7 +168,7 @@ def read_idx(path: str | os.PathLike, *, ndim: int | None = None) -> np.ndarray:
         raise EebenchError(f"{path} is truncated inside its IDX header", key=KEY)
     dims = struct.unpack(f">{dims_count}I", bytes(data[4:header]))
     dtype = np.dtype(_IDX_DTYPES[data[2]])
-    count = int(np.prod(dims, dtype=np.int64))
+    count = math.prod(dims)  # exact: numpy's int64 product wraps for a crafted header
     if len(data) - header != count * dtype.itemsize:
         raise EebenchError(
             f"{path} has {len(data) - header} bytes of data; its IDX header {dims} needs "
@@ -297,16 +308,19 @@ KMNIST = _MnistLike(
 )
 
 
+@params_model(FileDatasetParams)
 def fashion_mnist(*, root: str | None = None, download: bool = False) -> DatasetBundle:
     """Fashion-MNIST (60k/10k 28x28 grey): the default dataset, found offline via Debian."""
     return _load_mnist_like(FASHION_MNIST, root, download)
 
 
+@params_model(FileDatasetParams)
 def mnist(*, root: str | None = None, download: bool = False) -> DatasetBundle:
     """MNIST digits; no flips, since a mirrored digit is a different (or no) digit."""
     return _load_mnist_like(MNIST, root, download)
 
 
+@params_model(FileDatasetParams)
 def kmnist(*, root: str | None = None, download: bool = False) -> DatasetBundle:
     """Kuzushiji-MNIST (cursive Japanese); no flips, as for any script."""
     return _load_mnist_like(KMNIST, root, download)
@@ -372,13 +386,57 @@ CIFAR100 = _CifarLike(
 )
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles bytes at protocol 2, for latin-1 only."""
+    if not isinstance(text, str) or encoding.lower().replace("-", "").replace("_", "") != "latin1":
+        raise pickle.UnpicklingError(f"refused _codecs.encode({type(text).__name__}, {encoding!r}); "
+                                     "only latin-1 text encodes bytes")
+    return text.encode("latin1")
+
+
+#: Every global a CIFAR ``*-python`` batch may name: numpy's array (and scalar) reconstruction
+#: under its numpy 1 (``numpy.core``) and numpy 2 (``numpy._core``) module names, and the
+#: latin-1 ``_codecs.encode`` Python 3 writes bytes with at protocol 2. The original files are
+#: Python 2 protocol-2 pickles of a dict of str/bytes keys, lists of ints and bytes, and one
+#: uint8 ndarray; nothing else is needed, and a global outside this table is never imported.
+_CIFAR_GLOBALS: dict[tuple[str, str], Any] = {
+    **{(f"numpy.{core}.multiarray", "_reconstruct"): _multiarray._reconstruct for core in ("core", "_core")},
+    **{(f"numpy.{core}.multiarray", "scalar"): _multiarray.scalar for core in ("core", "_core")},
+    **{(f"numpy.{core}.numeric", "_frombuffer"): _numeric._frombuffer for core in ("core", "_core")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_bytes,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only the data a CIFAR batch holds: builtin containers, str/bytes, numbers and
+    numpy arrays. Any other global (``os.system``, ``builtins.eval``, a class with a
+    ``__reduce__``) is refused before it is imported, so a crafted file runs nothing."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _CIFAR_GLOBALS.get((module, name))
+        if allowed is None:
+            raise pickle.UnpicklingError(f"refused global '{module}.{name}'")
+        return allowed
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refused a persistent id")
+
+
 def _unpickle(path: Path) -> dict:
-    """A CIFAR batch; latin1 decodes the original Python 2 pickles, keys normalised to str."""
+    """A CIFAR batch read by :class:`_CifarUnpickler` (data only, no code); latin1 decodes the
+    original Python 2 pickles, keys normalised to str."""
     try:
         with open(path, "rb") as handle:
-            entry = pickle.load(handle, encoding="latin1")
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
-        raise EebenchError(f"cannot read CIFAR batch {path}: {exc}", key=KEY) from exc
+            entry = _CifarUnpickler(handle, encoding="latin1").load()
+    except OSError as exc:
+        raise EebenchError(f"cannot read CIFAR batch {path}: {exc.strerror or exc}", key=KEY) from exc
+    except Exception as exc:  # a refused global, or any damage a pickle stream can carry
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise EebenchError(f"cannot read CIFAR batch {path}: {type(exc).__name__}: {reason}; expected a CIFAR "
+                           "python batch (a pickled dict of lists and numpy arrays, nothing else)",
+                           key=KEY) from exc
     if not isinstance(entry, dict):
         raise EebenchError(f"{path} is not a CIFAR batch (expected a pickled dict)", key=KEY)
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
@@ -394,8 +452,16 @@ def _read_cifar_files(spec: _CifarLike, directory: Path, files: Sequence[str]) -
                 f"{spec.title} batch",
                 key=KEY,
             )
-        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(entry[spec.label_key], dtype=np.int64))
+        try:
+            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(entry[spec.label_key], dtype=np.int64).reshape(-1))
+        except (TypeError, ValueError, OverflowError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise EebenchError(
+                f"{directory / file_name}: {reason}; expected 'data' as N x 3072 uint8 pixels and "
+                f"'{spec.label_key}' as N integers",
+                key=KEY,
+            ) from exc
     return np.concatenate(images), np.concatenate(labels)
 
 
@@ -403,7 +469,7 @@ def _cifar_class_names(spec: _CifarLike, directory: Path) -> list[str]:
     meta_path = directory / spec.meta_file
     if meta_path.is_file():
         names = _unpickle(meta_path).get(spec.names_key)
-        if names is not None and len(names) == spec.num_classes:
+        if isinstance(names, (list, tuple)) and len(names) == spec.num_classes:
             return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     if spec.num_classes == 10:
         return list(CIFAR10_CLASSES)
@@ -459,11 +525,13 @@ def _download_cifar(spec: _CifarLike, target: Path) -> None:
     _torchvision_download(spec.title, target, lambda: cls(str(target), train=True, download=True))
 
 
+@params_model(FileDatasetParams)
 def cifar10(*, root: str | None = None, download: bool = False) -> DatasetBundle:
     """CIFAR-10 held in memory (50k/10k 32x32 colour)."""
     return _load_cifar(CIFAR10, root, download)
 
 
+@params_model(FileDatasetParams)
 def cifar100(*, root: str | None = None, download: bool = False) -> DatasetBundle:
     """CIFAR-100 with its 100 fine labels, held in memory."""
     return _load_cifar(CIFAR100, root, download)
@@ -481,18 +549,24 @@ def _read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Images [N, 3, 32, 32] and labels [N] with SVHN's label 10 mapped to digit 0."""
     import scipy.io
 
-    try:
+    try:  # MATLAB v5 data only: loadmat reads arrays and structs, it never unpickles or runs code
         mat = scipy.io.loadmat(str(path))
-    except (OSError, ValueError) as exc:
-        raise EebenchError(f"cannot read SVHN file {path}: {exc}", key=KEY) from exc
-    if "X" not in mat or "y" not in mat or mat["X"].ndim != 4:
+    except Exception as exc:  # OSError, ValueError, MatReadError, NotImplementedError (v7.3 / HDF5), ...
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise EebenchError(f"cannot read SVHN file {path}: {type(exc).__name__}: {reason}; expected a MATLAB "
+                           "v5 .mat file as torchvision downloads it", key=KEY) from exc
+    if "X" not in mat or "y" not in mat or getattr(mat["X"], "ndim", 0) != 4 or mat["X"].shape[:3] != (32, 32, 3):
         raise EebenchError(f"{path} lacks the X [32, 32, 3, N] and y arrays of an SVHN file", key=KEY)
-    images = np.transpose(mat["X"].astype(np.uint8, copy=False), (3, 2, 0, 1))
-    labels = mat["y"].astype(np.int64).reshape(-1)
+    try:
+        images = np.transpose(mat["X"].astype(np.uint8, copy=False), (3, 2, 0, 1))
+        labels = np.asarray(mat["y"]).astype(np.int64).reshape(-1)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EebenchError(f"{path}: X and y must be numeric arrays ({type(exc).__name__})", key=KEY) from exc
     labels[labels == 10] = 0
     return images, labels
 
 
+@params_model(SVHNParams)
 def svhn(*, root: str | None = None, download: bool = False, extra: bool = False) -> DatasetBundle:
     """SVHN cropped digits in memory; ``extra: true`` appends the 531k-image extra split to train.
 
@@ -559,11 +633,12 @@ def _resolve_split_dirs(
     base = Path(root).expanduser() if root else None
     train_path = Path(train_dir).expanduser() if train_dir else base / "train"
     if not train_path.is_dir():
-        raise EebenchError(f"image-folder train directory {train_path} does not exist", key=KEY)
+        raise EebenchError(f"image-folder train directory {train_path} does not exist",
+                           key="train_dir" if train_dir else KEY)
     if test_dir:
         test_path = Path(test_dir).expanduser()
         if not test_path.is_dir():
-            raise EebenchError(f"image-folder test directory {test_path} does not exist", key=KEY)
+            raise EebenchError(f"image-folder test directory {test_path} does not exist", key="test_dir")
         return train_path, test_path
     for split in ("test", "val"):
         if (base / split).is_dir():
@@ -584,16 +659,31 @@ def _stats(name: str, values: Sequence[float] | float | None, default: tuple[flo
         raise EebenchError(
             f"image-folder {name} must be one number or three numbers{' > 0' if name == 'std' else ''}, "
             f"got {values}",
-            key=KEY,
+            key=name,
         )
     return tuple(values)
+
+
+#: The Pillow decoders image-folder may use: those of ImageFolder's extensions. Pillow picks
+#: a decoder by a file's content, not its name, so without this list an ``x.png`` holding
+#: PostScript would be handed to Ghostscript (EPS), a program run on untrusted input.
+IMAGE_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP")
+
+
+def _pil_loader(path: str) -> Any:
+    """torchvision's ``pil_loader`` restricted to :data:`IMAGE_FORMATS`."""
+    from PIL import Image
+
+    with open(path, "rb") as handle:
+        image = Image.open(handle, formats=IMAGE_FORMATS)
+        return image.convert("RGB")
 
 
 def _image_folder(path: Path, transform: Callable) -> Dataset:
     import torchvision.datasets
 
     try:
-        return torchvision.datasets.ImageFolder(str(path), transform=transform)
+        return torchvision.datasets.ImageFolder(str(path), transform=transform, loader=_pil_loader)
     except (FileNotFoundError, OSError) as exc:
         reason = (str(exc).strip().splitlines() or ["no images"])[0]
         raise EebenchError(f"image-folder {path}: {reason}", key=KEY) from exc
@@ -601,18 +691,23 @@ def _image_folder(path: Path, transform: Callable) -> Dataset:
 
 def _materialise(dataset: Any, shape: tuple[int, int, int]) -> TensorImageDataset:
     """Decode every image once into one tensor, so training never touches PIL again."""
+    from PIL.Image import DecompressionBombError
+
     images = torch.empty((len(dataset), *shape), dtype=torch.float32)
     labels = torch.empty(len(dataset), dtype=torch.long)
     for index in range(len(dataset)):
         try:
             image, label = dataset[index]
-        except OSError as exc:  # PIL's UnidentifiedImageError and truncated files
-            raise EebenchError(f"image-folder cannot decode {dataset.samples[index][0]}: {exc}", key=KEY) from exc
+        except (OSError, DecompressionBombError) as exc:  # UnidentifiedImageError, truncated files, bombs
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise EebenchError(f"image-folder cannot decode {dataset.samples[index][0]}: {reason}; expected a "
+                               f"{'/'.join(IMAGE_FORMATS)} image", key=KEY) from exc
         images[index] = image
         labels[index] = label
     return TensorImageDataset(images, labels)
 
 
+@params_model(ImageFolderParams)
 def image_folder(
     *,
     root: str | None = None,
@@ -638,12 +733,13 @@ def image_folder(
     """
     if download:
         raise EebenchError(
-            "image-folder cannot download; point root or train_dir/test_dir at local images", key=KEY
+            "image-folder cannot download; point root or train_dir/test_dir at local images", key="download"
         )
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise EebenchError(f"image-folder image_size must be a positive integer, got {image_size!r}", key=KEY)
+        raise EebenchError(f"image-folder image_size must be a positive integer, got {image_size!r}",
+                           key="image_size")
     if not 0 < crop_ratio <= 1:
-        raise EebenchError(f"image-folder crop_ratio must be in (0, 1], got {crop_ratio!r}", key=KEY)
+        raise EebenchError(f"image-folder crop_ratio must be in (0, 1], got {crop_ratio!r}", key="crop_ratio")
     from torchvision import transforms
 
     mean_t, std_t = _stats("mean", mean, IMAGENET_MEAN), _stats("std", std, IMAGENET_STD)

@@ -37,6 +37,7 @@ import math
 from collections.abc import Iterator
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -49,6 +50,7 @@ from eebench.api import (
     ExitStrategy,
     ExitTrace,
     MethodContext,
+    Params,
     StagedBackbone,
     softmax_macs,
 )
@@ -61,8 +63,20 @@ from eebench_plugins.class_means import (
 )
 
 
+class E2CMParams(Params):
+    """``pool_to``: max-pool every exit's features to this side (none: only ``auto_pool_above``);
+    ``auto_pool_above``: max-pool features with more values than this (none: never);
+    ``count_softmax``: add the softmax's MACs to each exit's overhead."""
+
+    pool_to: int | None = Field(None, ge=1, le=4096)
+    auto_pool_above: int | None = Field(16384, ge=1, le=2**31 - 1)
+    count_softmax: bool = False
+
+
 class E2CM(ExitStrategy):
     """Class-means exits after every residual block (see the module docstring)."""
+
+    Params = E2CMParams
 
     strict = True
     default_calibrator = "per-exit-bisection"

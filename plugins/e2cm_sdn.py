@@ -49,8 +49,10 @@ when the features are pooled); with ``count_softmax`` both softmaxes, the IC's a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -67,9 +69,21 @@ from eebench.api import (
 )
 from eebench_plugins.class_means import build_exits, compute_statistics, shared_statistics
 from eebench_plugins.internal_classifiers import ic_reducer
-from eebench_plugins.sdn import REDUCER_KEY, SDN, SDN_FRACTIONS
+from eebench_plugins.sdn import REDUCER_KEY, SDN, SDN_FRACTIONS, ICParams
 
 AGREEMENT_RULES = ("same-class", "confidence")
+
+
+class E2CMSDNParams(ICParams):
+    """SDN's IC parameters plus ``rules`` (the agreement rules, each a rule variant), ``grid`` (T_cm
+    quantile levels) and E²CM's ``pool_to`` / ``auto_pool_above`` / ``count_softmax``."""
+
+    rules: list[Literal["same-class", "confidence"]] = Field(default_factory=lambda: list(AGREEMENT_RULES),
+                                                            min_length=1)
+    grid: int = Field(5, ge=1, le=1000)
+    pool_to: int | None = Field(None, ge=1, le=4096)
+    auto_pool_above: int | None = Field(16384, ge=1, le=2**31 - 1)
+    count_softmax: bool = False
 
 
 def cm_threshold_grid(distances: Sequence[torch.Tensor], grid: int) -> torch.Tensor:
@@ -86,6 +100,8 @@ def cm_threshold_grid(distances: Sequence[torch.Tensor], grid: int) -> torch.Ten
 
 class E2CMSDN(SDN):
     """SDN ICs fed with class-mean distances, exiting only when E²CM agrees."""
+
+    Params = E2CMSDNParams
 
     strict = False  # the IC part is SDN's ">= T"; E²CM's strict ">" sits inside the score
     default_calibrator = "per-exit-bisection"
@@ -172,7 +188,7 @@ class E2CMSDN(SDN):
                                             second_pass=distance_pass, distances_of_all=True)
             if statistics.samples == 0:
                 raise EebenchError(f"the budget ({budget.describe()}) handed out no sample for the class means; "
-                                   "expected a budget that allows at least one batch", key="e2cm+sdn")
+                                   "expected a budget that allows at least one batch")
         self.statistics_seconds = statistics.seconds
         return [statistics.normalised(s) for s in self.ic_stages]
 

@@ -65,9 +65,11 @@ ends clearly below where it started.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -79,6 +81,7 @@ from eebench.api import (
     ExitStrategy,
     MethodContext,
     OperatingPoint,
+    Params,
     StageCosts,
     StagedBackbone,
     count_macs,
@@ -94,6 +97,18 @@ from eebench_plugins.joint_training import (
 
 EXIT_TYPES = ("plain", "pool", "bnpool")
 DISTRIBUTIONS = ("pareto", "golden_ratio", "fine", "linear", "quadratic")
+
+
+class EENetParams(Params):
+    num_ee: int = Field(2, ge=1, le=64)
+    distribution: Literal["pareto", "golden_ratio", "fine", "linear", "quadratic"] = "fine"
+    exit_type: Literal["plain", "pool", "bnpool"] = "pool"
+    lambda_coef: float = Field(1.0, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    native_cost: bool = False
+    from_scratch: bool = False
+    schedule: Literal["cosine", "constant"] = "cosine"
 GOLDEN_RATIO = 1.61803398875
 LOG_EPS = 1e-12
 
@@ -105,12 +120,12 @@ class ExitBlock(nn.Module):
         super().__init__()
         if kind not in EXIT_TYPES:
             raise MethodConfigError(f"exit_type must be one of {', '.join(EXIT_TYPES)}, got {kind!r}",
-                                    key="eenet.exit_type")
+                                    key="exit_type")
         self.shape, self.kind = tuple(int(d) for d in shape), kind
         channels = self.shape[0]
         if kind != "plain" and len(self.shape) != 3:
             raise MethodConfigError(f"exit_type {kind!r} needs [C, H, W] features, got {list(self.shape)}",
-                                    key="eenet.exit_type")
+                                    key="exit_type")
         if kind == "plain":
             self.features: nn.Module = nn.Flatten(1)
             width = math.prod(self.shape)
@@ -150,7 +165,7 @@ def placement_thresholds(distribution: str, num_ee: int, costs: StageCosts) -> l
         margin = len(blocks) // (n + 1)
         return [blocks[min(margin * (i + 1), len(blocks) - 1)] for i in range(n)]
     raise MethodConfigError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got {distribution!r}",
-                            key="eenet.distribution")
+                            key="distribution")
 
 
 def place_exits(backbone: StagedBackbone, costs: StageCosts, distribution: str, num_ee: int) -> list[int]:
@@ -165,7 +180,7 @@ def place_exits(backbone: StagedBackbone, costs: StageCosts, distribution: str, 
         raise MethodConfigError(
             f"{backbone.backbone_name} can host only {len(stages)} of num_ee={num_ee} exits with distribution "
             f"{distribution!r} (the desired number of exit blocks is too much for the model capacity)",
-            key="eenet.num_ee")
+            key="num_ee")
     return stages
 
 
@@ -192,6 +207,8 @@ def eenet_loss(probs: list[torch.Tensor], confidences: list[torch.Tensor], costs
 class EENet(ExitStrategy):
     """Exit blocks with learned confidences, trained with L_v2 (module docstring)."""
 
+    Params = EENetParams
+
     strict = True
     default_calibrator = "shared-threshold"
 
@@ -211,15 +228,15 @@ class EENet(ExitStrategy):
     ) -> None:
         super().__init__(backbone, context)
         if int(num_ee) != num_ee or num_ee < 1:
-            raise MethodConfigError(f"num_ee must be an integer >= 1, got {num_ee}", key="eenet.num_ee")
+            raise MethodConfigError(f"num_ee must be an integer >= 1, got {num_ee}", key="num_ee")
         if exit_type not in EXIT_TYPES:
             raise MethodConfigError(f"exit_type must be one of {', '.join(EXIT_TYPES)}, got {exit_type!r}",
-                                    key="eenet.exit_type")
+                                    key="exit_type")
         self.num_ee, self.distribution, self.exit_type = int(num_ee), distribution, exit_type
-        self.lambda_coef = check_positive(lambda_coef, "eenet.lambda_coef", allow_zero=True)
-        self.lr = check_positive(lr, "eenet.lr")
-        self.schedule = check_schedule(schedule, "eenet.schedule")
-        self.weight_decay = check_positive(weight_decay, "eenet.weight_decay", allow_zero=True)
+        self.lambda_coef = check_positive(lambda_coef, "lambda_coef", allow_zero=True)
+        self.lr = check_positive(lr, "lr")
+        self.schedule = check_schedule(schedule, "schedule")
+        self.weight_decay = check_positive(weight_decay, "weight_decay", allow_zero=True)
         self.native_cost, self.from_scratch = bool(native_cost), bool(from_scratch)
         self.exit_stages = place_exits(backbone, context.stage_costs, distribution, self.num_ee)
         shapes = context.stage_costs.stage_shapes
@@ -273,11 +290,11 @@ class EENet(ExitStrategy):
 
     def fit(self, train: Dataset, budget: Budget) -> None:
         if self.from_scratch:
-            reset_to_fresh(self.backbone, self.context, "eenet.from_scratch")
+            reset_to_fresh(self.backbone, self.context, "from_scratch")
         per_sample = self.context.stage_costs.total + math.fsum(self._exit_macs)
         train_jointly(self.backbone, self.exits, self.loss, train, budget, self.context, lr=self.lr,
                       weight_decay=self.weight_decay, per_sample_macs=per_sample, description="eenet",
-                      schedule=self.schedule, key="eenet.lr")
+                      schedule=self.schedule, key="lr")
 
     @torch.no_grad()
     def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from eebench.api import Budget, EebenchError, MethodContext, StagedBackbone
+from eebench.api import Budget, EebenchError, MethodContext, StagedBackbone, check_finite_loss
 
 
 class MethodConfigError(EebenchError, ValueError):
@@ -81,9 +81,7 @@ def train_jointly(
             for group in optimizer.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(seen / planned, 1.0)))
         loss = loss_fn(x, y)
-        if not torch.isfinite(loss):
-            raise MethodConfigError(f"training loss is {loss.item()} after {seen} samples; expected a finite loss "
-                                    "(try a lower lr)", key=key)
+        check_finite_loss(loss, f"{description} training loss after {seen} samples", key=key)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -102,7 +100,9 @@ def check_schedule(schedule: str, key: str) -> str:
 
 
 def check_positive(value: float, key: str, allow_zero: bool = False) -> float:
+    """A finite number > 0 (>= 0 with ``allow_zero``); ``key`` is the parameter's name."""
     value = float(value)
-    if value < 0 or (value == 0 and not allow_zero):
-        raise MethodConfigError(f"expected a number {'>=' if allow_zero else '>'} 0, got {value}", key=key)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise MethodConfigError(f"{key} must be a finite number {'>=' if allow_zero else '>'} 0, got {value}",
+                                key=key)
     return value

@@ -43,8 +43,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -57,8 +59,10 @@ from eebench.api import (
     ExitOutputs,
     ExitStrategy,
     MethodContext,
+    Params,
     StagedBackbone,
     TensorImageDataset,
+    check_finite_loss,
     softmax_macs,
 )
 from eebench_plugins.internal_classifiers import InternalClassifier, ic_reducer
@@ -76,8 +80,30 @@ def index_dataset(labels: torch.Tensor) -> TensorImageDataset:
     return TensorImageDataset(torch.arange(count, dtype=torch.float32).view(count, 1, 1, 1), labels)
 
 
+class ICParams(Params):
+    """The internal-classifier parameters SDN, E²CM+SDN and BWDS share."""
+
+    fractions: list[float] = Field(default_factory=lambda: list(SDN_FRACTIONS))
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0 < f <= 1 for f in value):
+            raise ValueError(f"fractions must be a non-empty list of numbers in (0, 1], got {value}")
+        return value
+
+
+class SDNParams(ICParams):
+    fallback: Literal["final", "most_confident"] = "final"
+    count_softmax: bool = False
+
+
 class SDN(ExitStrategy):
     """SDN internal classifiers on a frozen backbone (see the module docstring)."""
+
+    Params = SDNParams
 
     strict = False
     default_calibrator = "shared-threshold"
@@ -154,6 +180,7 @@ class SDN(ExitStrategy):
                                           None if extras is None else extras[k][rows].to(ctx.device)), target)
                 for k, (ic, f) in enumerate(zip(self.ics, features, strict=True))
             )
+            check_finite_loss(loss, f"{type(self).__name__} IC loss after {seen} samples")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -255,15 +282,16 @@ def drop_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def _check_params(fractions: Sequence[float], lr: float, weight_decay: float, fallback: str) -> None:
+    """The constructor's own checks (for direct use; the harness checks ``SDNParams`` first)."""
     if not fractions or any(not 0 < float(f) <= 1 for f in fractions):
         raise EebenchError(f"fractions must be a non-empty list of numbers in (0, 1], got {list(fractions)}",
-                           key="sdn.fractions")
-    if lr <= 0:
-        raise EebenchError(f"lr must be > 0, got {lr}", key="sdn.lr")
-    if weight_decay < 0:
-        raise EebenchError(f"weight_decay must be >= 0, got {weight_decay}", key="sdn.weight_decay")
+                           key="fractions")
+    if not lr > 0:
+        raise EebenchError(f"lr must be > 0, got {lr}", key="lr")
+    if not weight_decay >= 0:
+        raise EebenchError(f"weight_decay must be >= 0, got {weight_decay}", key="weight_decay")
     if fallback not in FALLBACKS:
-        raise EebenchError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}", key="sdn.fallback")
+        raise EebenchError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}", key="fallback")
 
 
 def place_ics(backbone: StagedBackbone, context: MethodContext, fractions: list[float]) -> list[int]:

@@ -22,9 +22,12 @@ from eebench_plugins.budgets import EpochsBudget, SamplesBudget, SecondsBudget
 from eebench_plugins.dec.backbone import dec_backbone
 
 SAMPLES = 150  # below the 200-sample split: E²CM and E²CM+SDN cannot take the shared whole-split statistics
-SECONDS = 1.5  # ample for every method's mandatory passes on this tiny data; the rest is cut by the clock
-TINY_DEC = dict(recipe="quick", pretrain_iterations=10, finetune_iterations=40, batch_size=50, update_interval=20,
-                dec_max_iterations=40, kmeans_n_init=3, head_pretrain_iterations=20, head_finetune_iterations=40)
+# Not binding even on a loaded 2-core machine: these tests check the ledger under a seconds budget, never
+# wall-clock speed (no timed assertions); cutting by the clock is tested with strategies built to overrun.
+SECONDS = 120.0
+TINY_DEC = dict(recipe=dict(preset="quick", pretrain_iterations=10, finetune_iterations=40, batch_size=50,
+                            update_interval=20, dec_max_iterations=40, kmeans_n_init=3, head_pretrain_iterations=20,
+                            head_finetune_iterations=40))
 PARAMS = {"dec-e2cm": TINY_DEC, "e2cm+sdn": {"grid": 2}, "bwds": {"lambdas": [0.01, 0.1, 1.0]}}
 
 
@@ -161,7 +164,8 @@ def test_a_shared_pass_costs_every_reader_the_same_seconds() -> None:
         budget.finish()
         assert value == 1 and budget.spend.extra_forward_samples == 10
     assert cache.computed == {"slow": 1}
-    assert 0.2 <= payer.spend.seconds < 0.3 and 0.2 <= reader.spend.seconds < 0.3
+    assert payer.spend.seconds >= 0.2 and reader.spend.seconds >= 0.2  # the reader pays the pass it did not run
+    assert abs(payer.spend.seconds - reader.spend.seconds) < 0.1
 
 
 # -------------------------------------------------------------- the runner's post-fit check

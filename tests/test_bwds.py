@@ -245,7 +245,7 @@ def test_ics_first_schedule_keeps_the_equal_split_over_ics_and_policies(
 
     with pytest.raises(EebenchError, match="schedule must be one of") as error:
         BWDS(copy.deepcopy(trained_resnet20), make_context(model, bundle), schedule="joint")
-    assert error.value.key == "bwds.schedule"
+    assert error.value.key == "schedule"
 
 
 def test_outputs_costs_and_variants(fitted, small_fmnist) -> None:

@@ -24,8 +24,9 @@ EXAMPLE = ROOT / "examples" / "eebench-patience"
 BUILT_IN = {"e2cm", "sdn", "e2cm+sdn", "bwds", "branchynet", "eenet", "class-exclusion", "dec-e2cm"}
 
 # Small parameters where a method's defaults are slow (as its own tests use them).
-DEC_TINY = dict(recipe="quick", pretrain_iterations=10, finetune_iterations=40, batch_size=50, update_interval=20,
-                dec_max_iterations=40, kmeans_n_init=3, head_pretrain_iterations=20, head_finetune_iterations=40)
+DEC_TINY = dict(recipe=dict(preset="quick", pretrain_iterations=10, finetune_iterations=40, batch_size=50,
+                            update_interval=20, dec_max_iterations=40, kmeans_n_init=3, head_pretrain_iterations=20,
+                            head_finetune_iterations=40))
 OPTIONS: dict[str, dict] = {
     "bwds": {"params": {"lambdas": [0.01, 0.1, 1.0]}},
     # unsupervised: DEC trains its own encoder (the `dec` backbone, untrained base) under a samples cap

@@ -192,7 +192,8 @@ def test_missing_fashion_mnist_names_every_searched_directory(isolated: Path, tm
     with pytest.raises(EebenchError) as info:
         ds.fashion_mnist(root=str(empty))
     message = str(info.value)
-    assert "\n" not in message and message.startswith("datasets: Fashion-MNIST not found in ")
+    # the key is relative to the dataset's params; the core prefixes datasets[i].params
+    assert "\n" not in message and message.startswith("root: Fashion-MNIST not found in ")
     for searched in (empty, isolated / "fashion-mnist", isolated, tmp_path / "debian"):
         assert f"{searched}," in message or f"{searched};" in message
     assert "apt-get install dataset-fashion-mnist" in message and "download: true" in message

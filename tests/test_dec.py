@@ -34,8 +34,9 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-TINY = dict(recipe="quick", pretrain_iterations=10, finetune_iterations=40, batch_size=50, update_interval=20,
-            dec_max_iterations=40, kmeans_n_init=3, head_pretrain_iterations=20, head_finetune_iterations=40)
+TINY = dict(recipe=dict(preset="quick", pretrain_iterations=10, finetune_iterations=40, batch_size=50,
+                        update_interval=20, dec_max_iterations=40, kmeans_n_init=3, head_pretrain_iterations=20,
+                        head_finetune_iterations=40))
 
 
 # ---------------------------------------------------------------- clustering maths
@@ -301,7 +302,7 @@ def test_fitting_twice_gives_identical_numbers_and_the_paper_recipe_is_finite(fi
     first = compute_trace(strategy, test, batch_size=100, device="cpu")
     second = compute_trace(again, test, batch_size=100, device="cpu")
     assert torch.equal(first.preds, second.preds) and torch.equal(first.scores, second.scores)
-    paper = fit(**{**TINY, "recipe": "paper", "batch_size": 50})  # SGD lr 0.1, momentum 0.9, step decay
+    paper = fit(recipe={**TINY["recipe"], "preset": "paper"})  # SGD lr 0.1, momentum 0.9, step decay
     assert paper.recipe.optimizer == "sgd" and paper.recipe.lr == 0.1
     assert all(math.isfinite(p["last_loss"]) for p in paper.fit_log["phases"])
 

@@ -10,11 +10,15 @@ itself, and :func:`stage_torchvision` reuses its modules, so both compute the sa
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import torch
 from torch import nn
 from torchvision import models
 from torchvision.models import EfficientNet, MobileNetV3, ResNet
 
-from eebench.api import StagedBackbone
+from eebench.api import EebenchError, StagedBackbone
 from eebench_plugins.backbones._common import (
     check_input_shape,
     check_num_classes,
@@ -48,13 +52,36 @@ def build_torchvision(
     if weights is None:
         model = models.get_model(arch, weights=None, num_classes=num_classes, **builder_kwargs)
     else:
-        model = models.get_model(arch, weights=weights, **builder_kwargs)
+        model = _pretrained(arch, weights, builder_kwargs)
         _replace_classifier(model, num_classes)
     small = is_small_input(input_shape, small_input)
     if isinstance(model, ResNet):
         _adapt_resnet_stem(model, channels, small, pretrained=weights is not None)
     else:
         _adapt_features_stem(model, channels, small, pretrained=weights is not None)
+    return model
+
+
+def _pretrained(arch: str, weights: str, builder_kwargs: dict) -> nn.Module:
+    """torchvision's ``arch`` with its ``weights``, the file read weights-only.
+
+    torchvision's builders read their (hash-checked on download, never again) file from the
+    torch hub cache with ``weights_only=False``, so a file planted there would run code;
+    this builds the same network (the weights' class count) and loads the state dict with
+    ``weights_only=True``. A refused or damaged file is one line naming it.
+    """
+    enum = models.get_model_weights(arch).verify(weights)
+    model = models.get_model(arch, weights=None, num_classes=len(enum.meta["categories"]), **builder_kwargs)
+    try:
+        state = enum.get_state_dict(progress=True, check_hash=True, weights_only=True)
+        model.load_state_dict(state)
+    except Exception as exc:  # an unpickling refusal, a truncated file, mismatched keys
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours its weights-only refusal
+        reason = (text.splitlines() or [type(exc).__name__])[0][:200].strip()
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / enum.url.rsplit("/", 1)[-1]
+        raise EebenchError(f"cannot load torchvision weights {enum} from {cached}: {type(exc).__name__}: {reason}; "
+                           f"expected the state dict of {enum.url} (delete the file to download it again)",
+                           key="weights") from exc
     return model
 
 

@@ -12,12 +12,29 @@ import math
 from collections.abc import Sequence
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
-from eebench.api import StagedBackbone
+from eebench.api import Params, StagedBackbone, params_model
 from eebench_plugins.dec.clustering import ClusteringLayer
 
 PAPER_DIMS = (500, 500, 2000, 10)
+
+
+class DECBackboneParams(Params):
+    """``dims``: encoder widths, the last the embedding; ``num_clusters`` (default: the dataset's
+    classes); ``alpha``: the Student-t degrees of freedom."""
+
+    dims: list[int] = Field(default_factory=lambda: list(PAPER_DIMS), min_length=2, max_length=64)
+    num_clusters: int | None = Field(None, ge=1, le=100_000)
+    alpha: float = Field(1.0, gt=0)
+
+    @field_validator("dims")
+    @classmethod
+    def _dims(cls, value: list[int]) -> list[int]:
+        if any(not 1 <= d <= 1_000_000 for d in value):
+            raise ValueError(f"dims must list at least two positive widths (at most 1,000,000 each), got {value}")
+        return value
 
 
 class DenseStage(nn.Module):
@@ -58,6 +75,7 @@ class DECEncoder(StagedBackbone):
         return [linear.out_features for linear in self.linears]
 
 
+@params_model(DECBackboneParams)
 def dec_backbone(num_classes: int, input_shape: Sequence[int], *, dims: Sequence[int] = PAPER_DIMS,
                  num_clusters: int | None = None, alpha: float = 1.0) -> DECEncoder:
     """``dims``: widths of the encoder layers, the last one the embedding (paper: 500-500-2000-10).

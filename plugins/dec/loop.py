@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from eebench.api import BatchStream, Budget, EebenchError
+from eebench.api import BatchStream, Budget, check_finite_loss
 from eebench_plugins.dec.recipes import DECRecipe
 
 
@@ -66,10 +66,9 @@ def in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, ch
     return torch.cat([fn(data[start : start + chunk]) for start in range(0, data.shape[0], chunk)])
 
 
-def check_finite(loss: torch.Tensor, phase: str, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise EebenchError(f"DEC {phase} loss became {loss.item()} at iteration {step}; expected a finite "
-                           "loss (try a lower lr)", key="methods.params")
+def check_finite(loss: torch.Tensor, phase: str, step: int, key: str) -> None:
+    """The core's NaN-loss check, naming the DEC phase and the lr parameter (``key``) that drives it."""
+    check_finite_loss(loss, f"DEC {phase} loss at iteration {step}", key=key, hint=f"try a lower {key}")
 
 
 @dataclass

@@ -74,7 +74,7 @@ def _fit(forward, params: list[nn.Parameter], data: torch.Tensor, iterations: in
                 break
             x = data[index]
             loss = F.mse_loss(forward(x), x)
-            check_finite(loss, log.name, step)
+            check_finite(loss, log.name, step, "lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

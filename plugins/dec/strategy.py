@@ -34,9 +34,11 @@ with ``count_softmax``. 1.00 is DEC_large alone: its encoder plus its distance M
 from __future__ import annotations
 
 import copy
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -49,6 +51,7 @@ from eebench.api import (
     ExitTrace,
     MethodContext,
     OperatingPoint,
+    Params,
     StagedBackbone,
     count_macs,
     iterate_batches,
@@ -60,7 +63,7 @@ from eebench_plugins.dec.clustering import ClusteringLayer
 from eebench_plugins.dec.loop import Meter, in_chunks, linear_macs
 from eebench_plugins.dec.metrics import ari, cluster_accuracy, hungarian_mapping, nmi
 from eebench_plugins.dec.pretrain import pretrain
-from eebench_plugins.dec.recipes import DECRecipe, resolve
+from eebench_plugins.dec.recipes import FIELDS, PRESETS, DECRecipe, recipe_from
 from eebench_plugins.dec.train import init_centres, train_dec
 
 
@@ -70,8 +73,37 @@ def inverse_permutation(mapping: torch.Tensor) -> torch.Tensor:
     return inverse
 
 
+class DECE2CMParams(Params):
+    """``recipe``: a preset name (``paper``, ``quick``) or a mapping of ``DECRecipe`` overrides on top
+    of its ``preset``; ``exit_stages``: the encoder layers the smaller DECs branch after (checked
+    against the backbone when the cell starts); ``prediction``: ``dec`` or ``e2cm``."""
+
+    recipe: DECRecipe = Field(default_factory=DECRecipe)
+    exit_stages: list[int] = Field(default_factory=lambda: [0, 1], min_length=1, max_length=64)
+    count_softmax: bool = False
+    prediction: Literal["dec", "e2cm"] = "dec"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_fields_inside(cls, data: Any) -> Any:
+        misplaced = sorted(set(data) & FIELDS) if isinstance(data, Mapping) else []
+        if misplaced:
+            raise ValueError(f"{misplaced[0]} is a DEC recipe field; expected it under recipe, e.g. recipe: "
+                             f"{{preset: quick, {misplaced[0]}: ...}}")
+        return data
+
+    @field_validator("exit_stages")
+    @classmethod
+    def _stages(cls, value: list[int]) -> list[int]:
+        if any(s < 0 for s in value):
+            raise ValueError(f"exit_stages must be encoder layers (>= 0), got {value}")
+        return value
+
+
 class DECE2CM(ExitStrategy):
     """Multi-exit DEC with E²CM exits (see the module docstring)."""
+
+    Params = DECE2CMParams
 
     strict = True
     default_calibrator = "per-exit-bisection"
@@ -80,45 +112,27 @@ class DECE2CM(ExitStrategy):
         self,
         backbone: StagedBackbone,
         context: MethodContext,
-        recipe: str = "paper",
+        recipe: str | Mapping[str, Any] | DECRecipe = "paper",
         exit_stages: list[int] | tuple[int, ...] = (0, 1),
         count_softmax: bool = False,
         prediction: str = "dec",
-        pretrain_iterations: int | None = None,
-        finetune_iterations: int | None = None,
-        optimizer: str | None = None,
-        lr: float | None = None,
-        lr_step: int | None = None,
-        momentum: float | None = None,
-        dropout: float | None = None,
-        batch_size: int | None = None,
-        dec_lr: float | None = None,
-        dec_momentum: float | None = None,
-        update_interval: int | None = None,
-        tol: float | None = None,
-        dec_max_iterations: int | None = None,
-        kmeans_n_init: int | None = None,
-        head_pretrain_iterations: int | None = None,
-        head_finetune_iterations: int | None = None,
     ) -> None:
-        given = dict(locals())
         super().__init__(backbone, context)
         if not isinstance(backbone, DECEncoder):
-            raise EebenchError(f"dec-e2cm needs the 'dec' backbone, got '{backbone.backbone_name}'",
-                               key="methods.name")
-        overrides = {k: v for k, v in given.items() if k in DECRecipe.__dataclass_fields__}
+            raise EebenchError(f"dec-e2cm needs the 'dec' backbone, got '{backbone.backbone_name}'; expected "
+                               "backbones: [{name: dec}] for this method")
         try:
-            self.recipe: DECRecipe = resolve(recipe, overrides)
+            self.recipe: DECRecipe = recipe_from(recipe)
         except ValueError as exc:
-            raise EebenchError(str(exc), key="methods.params") from exc
+            raise EebenchError(str(exc), key="recipe") from exc
         last = len(backbone.stages) - 1
         self.exit_stages = sorted({int(s) for s in exit_stages})
-        if any(s < 0 or s >= last for s in self.exit_stages):
+        if not self.exit_stages or any(s < 0 or s >= last for s in self.exit_stages):
             raise EebenchError(f"exit_stages must be encoder layers before the embedding (0..{last - 1}), "
-                               f"got {list(exit_stages)}", key="methods.params")
+                               f"got {list(exit_stages)}", key="exit_stages")
         self.count_softmax = count_softmax
         if prediction not in ("dec", "e2cm"):
-            raise EebenchError(f"prediction must be 'dec' or 'e2cm', got {prediction!r}", key="methods.params")
+            raise EebenchError(f"prediction must be 'dec' or 'e2cm', got {prediction!r}", key="prediction")
         self.prediction = prediction
         self.num_clusters = backbone.head.centres.shape[0]
         self.dim = backbone.head.centres.shape[1]
@@ -133,14 +147,20 @@ class DECE2CM(ExitStrategy):
         self._reset_maps(size)
         self.fit_log: dict[str, Any] = {}
         self.notes = (
-            f"E²CM-DEC (recipe '{recipe}'): DEC_small/DEC_middle freeze DEC_large's first layers and train their "
-            "own 10-unit layer + clustering layer; exit when softmax(−eq. 4-normalised distance to the exit's "
-            "cluster centres) > T_j. Thresholds are chosen without labels: the calibration trace scores agreement "
-            "with DEC_large's own training-set clusters. Test accuracy maps each exit's clusters to classes by "
-            "Hungarian matching on the training labels (evaluation only). Cost 1.00 = DEC_large (encoder + "
+            f"E²CM-DEC (recipe {self.recipe_name()}): DEC_small/DEC_middle freeze DEC_large's first layers and "
+            "train their own 10-unit layer + clustering layer; exit when softmax(−eq. 4-normalised distance to the "
+            "exit's cluster centres) > T_j. Thresholds are chosen without labels: the calibration trace scores "
+            "agreement with DEC_large's own training-set clusters. Test accuracy maps each exit's clusters to "
+            "classes by Hungarian matching on the training labels (evaluation only). Cost 1.00 = DEC_large (encoder + "
             "its distance MACs, D·K + D + 4K from the core's cost table); the suite's budget only caps DEC's "
             "training, whose length the recipe sets."
         )
+
+    def recipe_name(self) -> str:
+        """``'quick'``, or ``'quick' with lr, tol overridden``, for the notes."""
+        base = PRESETS[self.recipe.preset]
+        changed = [name for name in DECRecipe.model_fields if getattr(self.recipe, name) != getattr(base, name)]
+        return f"'{self.recipe.preset}'" + (f" with {', '.join(changed)} overridden" if changed else "")
 
     def _reset_maps(self, size: int) -> None:
         exits = len(self.exit_stages) + 1

@@ -62,7 +62,7 @@ def train_dec(encoder: nn.Module, layer: ClusteringLayer, data: torch.Tensor, re
             log.stopped = "budget"
             break
         loss = kl_divergence(target[index], layer(encoder(data[index])))
-        check_finite(loss, name, iteration)
+        check_finite(loss, name, iteration, "dec_lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -40,6 +40,7 @@ from eebench.api import (
     ExitStrategy,
     MethodContext,
     StagedBackbone,
+    check_finite_loss,
     count_macs,
 )
 
@@ -119,14 +120,17 @@ class PatienceExit(ExitStrategy):
         loss_fn = nn.CrossEntropyLoss()
         last = self.exit_stages[-1]
         per_sample = ctx.stage_costs.through(last) + 3.0 * math.fsum(self.ic_macs)
+        seen = 0
         for x, y in budget.batches(train, ctx.train_batch_size, device=ctx.device, augment=ctx.augment,
                                    seed=ctx.seed, description="patience ICs", macs_per_sample=per_sample):
             with torch.no_grad():
                 features = [(ic, out) for ic, out in self._features(x, through=last)]
             loss = sum(loss_fn(ic(out), y) for ic, out in features)
+            check_finite_loss(loss, f"patience IC loss after {seen} samples")  # one line naming methods[i].params.lr
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            seen += int(y.shape[0])
         self.classifiers.eval()
 
     @torch.no_grad()
