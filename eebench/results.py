@@ -15,7 +15,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: accuracy_at holds the calibration-chosen φ policy; budget limits and utilisation; failed cells
 FAILED = "failed"
 #: keys every finished result has (what resuming and the leaderboard read)
 RESULT_KEYS = frozenset({"config_hash", "dataset", "backbone", "method", "budget", "seed", "provenance", "sizes",

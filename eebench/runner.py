@@ -36,7 +36,7 @@ from eebench.errors import EebenchError, build_plugin, check_writable, plugin_er
 from eebench.model import StagedBackbone
 from eebench.plugins import KIND_LABELS, Registry
 from eebench.policy import operating_point
-from eebench.results import FAILED, finished, save_cell
+from eebench.results import FAILED, SCHEMA_VERSION, finished, save_cell
 from eebench.strategy import MethodContext, OperatingPoint
 from eebench.suite import BackboneSpec, Cell, DatasetSpec, Suite, expand
 from eebench.trace import ExitOutputError, ExitTrace, compute_traces, thresholds_to_json
@@ -291,7 +291,7 @@ class Runner:
         phases["calibrate"] = time.perf_counter() - tick
 
         return {
-            "schema_version": 1,
+            "schema_version": SCHEMA_VERSION,
             "cell_id": cell.cell_id,
             "config_hash": cell.config_hash,
             "config": cell.config(),
@@ -457,7 +457,7 @@ def failure_record(suite: Suite, registry: Registry, cell: Cell, exc: BaseExcept
     package that registered it) and the traceback, for the leaderboard and for debugging."""
     phase, kind, name = blame
     return {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "status": FAILED,
         "cell_id": cell.cell_id,
         "config_hash": cell.config_hash,

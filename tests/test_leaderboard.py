@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from eebench.cli import main
+from eebench.results import SCHEMA_VERSION
 
 
 def results(smoke_run: Path) -> list[dict]:
@@ -14,7 +15,7 @@ def results(smoke_run: Path) -> list[dict]:
 
 def test_result_json_carries_provenance_and_curve(smoke_run: Path) -> None:
     (result,) = results(smoke_run)
-    assert result["schema_version"] == 1 and len(result["config_hash"]) == 16
+    assert result["schema_version"] == SCHEMA_VERSION == 2 and len(result["config_hash"]) == 16
     provenance = result["provenance"]
     assert provenance["torch"] and provenance["device"] == "cpu" and provenance["threads"] >= 1
     assert set(provenance["seconds"]) == {"data", "backbone", "fit", "trace_calibration", "trace_test", "calibrate"}
