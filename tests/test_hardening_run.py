@@ -9,14 +9,13 @@ import fcntl
 import json
 import os
 import shutil
-import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from test_plugins import fake_distribution
 
 from eebench.api import ExitCosts, ExitOutputs, ExitStrategy
 from eebench.cli import main
@@ -221,22 +220,6 @@ def test_a_run_where_every_cell_failed_still_renders_its_leaderboard(tmp_path, c
 
 
 # ---------------------------------------------------------------- plugins that exit while loading
-
-
-def fake_distribution(root: Path, name: str, module: str, source: str) -> None:
-    info = root / f"{name.replace('-', '_')}-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[eebench]\n{module} = {module}\n")
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
-
-
-@pytest.fixture
-def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield tmp_path
-    for module in [m for m in sys.modules if m.startswith("eebench_test_")]:
-        del sys.modules[module]
 
 
 def test_a_plugin_that_exits_while_importing_or_registering_is_skipped(site: Path, capsys) -> None:

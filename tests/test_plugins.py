@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 from pathlib import Path
 
@@ -23,12 +22,6 @@ def fake_distribution(root: Path, name: str, module: str, source: str) -> None:
     (root / f"{module}.py").write_text(textwrap.dedent(source))
 
 
-@pytest.fixture
-def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield tmp_path
-    for module in [m for m in sys.modules if m.startswith("eebench_test_")]:
-        del sys.modules[module]
 
 
 def test_builtins_are_registered_through_the_entry_point_group() -> None:
