@@ -65,20 +65,11 @@ class ActivationCache:
         self.forward_samples = 0  # what the activations really cost, summed over the run
         self.computed: dict[str, int] = {}  # name -> how many times it was computed (sharing off: every ask)
 
-    def get(
-        self,
-        backbone: StagedBackbone,
-        dataset: Dataset,
-        reducer: Reducer,
-        *,
-        backbone_key: str,
-        reducer_key: str,
-        batch_size: int,
-        device: torch.device | str,
-    ) -> tuple[Activations, bool]:
-        """Activations of every exit point of ``backbone`` on ``dataset``; (value, was_cached)."""
-        shared = self.read_activations(backbone, dataset, reducer, backbone_key=backbone_key,
-                                       reducer_key=reducer_key, batch_size=batch_size, device=device)
+    def get(self, backbone: StagedBackbone, dataset: Dataset, reducer: Reducer,
+            **keys: Any) -> tuple[Activations, bool]:
+        """Activations of every exit point of ``backbone`` on ``dataset``; (value, was_cached).
+        ``keys`` are ``read_activations``' keyword arguments."""
+        shared = self.read_activations(backbone, dataset, reducer, **keys)
         return shared.value, shared.cached
 
     def read_activations(

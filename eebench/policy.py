@@ -126,12 +126,18 @@ def vector_outcome(trace: ExitTrace, thresholds: torch.Tensor, costs: ExitCosts)
 
 
 def policy_outcome(policy: PhiPolicy, thresholds: torch.Tensor, variants: torch.Tensor | None,
-                   traces: list[ExitTrace], costs: ExitCosts, seed: int) -> PolicyOutcome:
-    """``policy`` run on the split of ``traces`` (one trace per rule variant, same samples in the same order)."""
+                   traces: list[ExitTrace], costs: ExitCosts, seed: int,
+                   memo: dict[int, PolicyOutcome] | None = None) -> PolicyOutcome:
+    """``policy`` run on the split of ``traces`` (one trace per rule variant, same samples in the same order).
+
+    ``memo`` keeps each hull vertex's outcome on this split, so targets sharing a vertex evaluate it once."""
+    memo = {} if memo is None else memo
 
     def run(point: int) -> PolicyOutcome:
-        trace = traces[0 if variants is None else int(variants[point])]
-        return vector_outcome(trace, thresholds[point], costs)
+        if point not in memo:
+            trace = traces[0 if variants is None else int(variants[point])]
+            memo[point] = vector_outcome(trace, thresholds[point], costs)
+        return memo[point]
 
     low = run(policy.low)
     if policy.low == policy.high:
@@ -146,17 +152,20 @@ def policy_outcome(policy: PhiPolicy, thresholds: torch.Tensor, variants: torch.
 def operating_point(curve_thresholds: torch.Tensor, curve_variants: torch.Tensor | None,
                     calibration_cost: Sequence[float], calibration: list[ExitTrace], test: list[ExitTrace],
                     costs: ExitCosts, target: float, seed: int, test_accuracy: Sequence[float],
-                    test_cost: Sequence[float], metrics: Metrics | None = None) -> dict[str, Any] | None:
+                    test_cost: Sequence[float], metrics: Metrics | None = None,
+                    memos: tuple[dict, dict] | None = None) -> dict[str, Any] | None:
     """The result-JSON entry for target φ: the calibration-chosen policy, evaluated on both splits.
 
     ``corner`` keeps the corner-only number for comparison: the most accurate hull vertex whose
-    calibration cost is ≤ φ (also chosen on calibration), with its test result.
+    calibration cost is ≤ φ (also chosen on calibration), with its test result. ``memos`` (one dict
+    per split, shared across targets) keep vertex outcomes that several targets use.
     """
     policy = select_policy(calibration_cost, target)
     if policy is None:
         return None
-    on_cal = policy_outcome(policy, curve_thresholds, curve_variants, calibration, costs, seed)
-    on_test = policy_outcome(policy, curve_thresholds, curve_variants, test, costs, seed)
+    cal_memo, test_memo = memos or ({}, {})
+    on_cal = policy_outcome(policy, curve_thresholds, curve_variants, calibration, costs, seed, cal_memo)
+    on_test = policy_outcome(policy, curve_thresholds, curve_variants, test, costs, seed, test_memo)
     corner = policy.low
     entry: dict[str, Any] = {
         "accuracy": on_test.accuracy,

@@ -349,8 +349,9 @@ def phi_points(curve: Curve, calibration: list[ExitTrace], test: list[ExitTrace]
     """``accuracy_at``: each target's (and φ = 1's) calibration-chosen policy, evaluated on test."""
     calibration_cost, test_accuracy, test_cost = (curve.calibration_cost.tolist(), curve.test_accuracy.tolist(),
                                                   curve.test_cost.tolist())
+    memos: tuple[dict, dict] = ({}, {})  # each vertex evaluated once per split, whatever the targets
     return {f"{t:g}": operating_point(curve.thresholds, curve.variants, calibration_cost, calibration, test, costs,
-                                      t, seed, test_accuracy, test_cost, metrics)
+                                      t, seed, test_accuracy, test_cost, metrics, memos)
             for t in sorted({*targets, 1.0})}
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_cli import TINY
 
 from eebench.cli import main
 from eebench.errors import EebenchError, build_plugin
@@ -30,14 +31,6 @@ from eebench.suite import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "name": "tiny",
-    "datasets": [{"name": "fashion-mnist", "per_class": 10, "test_subset": 100}],
-    "backbones": [{"name": "resnet20", "recipe": {"epochs": 1, "batch_size": 50}}],
-    "methods": [{"name": "e2cm"}],
-    "budgets": [{"name": "epochs", "params": {"epochs": 1}}],
-    "targets": [0.5],
-}
 
 
 def suite(**changes) -> dict:
