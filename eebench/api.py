@@ -42,8 +42,20 @@ from eebench.model import StagedBackbone
 from eebench.params import Params, params_model
 from eebench.passes import iterate_batches
 from eebench.progress import progress
-from eebench.strategy import ExitOutputs, ExitStrategy, MethodContext, OperatingPoint
-from eebench.trace import ExitTrace, exit_fires
+from eebench.strategy import (
+    ExitOutputs,
+    ExitState,
+    ExitStrategy,
+    MethodContext,
+    MethodReport,
+    OperatingPoint,
+    StepOutput,
+    exit_costs_at,
+    exit_fires,
+    seeded_modules,
+    stage_taps,
+)
+from eebench.trace import ExitTrace
 
 __all__ = [
     "MAC_EQUIVALENTS",
@@ -58,14 +70,17 @@ __all__ = [
     "EebenchError",
     "ExitCosts",
     "ExitOutputs",
+    "ExitState",
     "ExitStrategy",
     "ExitTrace",
     "MethodContext",
+    "MethodReport",
     "OperatingPoint",
     "Params",
     "Spend",
     "StageCosts",
     "StagedBackbone",
+    "StepOutput",
     "TensorImageDataset",
     "TrainingBudget",
     "adaptive_pool_macs",
@@ -74,6 +89,7 @@ __all__ = [
     "count_macs",
     "elementwise_macs",
     "entropy_macs",
+    "exit_costs_at",
     "exit_fires",
     "iterate_batches",
     "multiply_add_macs",
@@ -83,8 +99,10 @@ __all__ = [
     "random_crop_flip",
     "reduction_macs",
     "softmax_macs",
+    "seeded_modules",
     "sort_macs",
     "squared_distance_macs",
+    "stage_taps",
     "take",
     "upper_hull",
 ]

@@ -92,6 +92,13 @@ def cmd_run(args: argparse.Namespace) -> int:
               "rerun the same command to resume", file=sys.stderr)
         return EXIT_USAGE
     command = f"eebench run {args.suite}"
+    if suite.latency is not None:
+        from eebench.bench import bench_run
+
+        settings, ids = suite.latency, {cell.cell_id for cell in expand(suite)}
+        bench_run(run_dir, registry, device, settings, settings.targets or suite.targets,
+                  only=lambda r: r["cell_id"] in ids and (r.get("latency") or {}).get("settings")
+                  != settings.model_dump(), log=lambda line: console.print(line, markup=False, highlight=False))
     path = render(run_dir, board_dir, suite.name, suite.targets, suite.description, command, suite.notes,
                   cell_ids={cell.cell_id for cell in expand(suite)}, extra=list(report.unsaved.values()))
     failed = f", {len(report.failed)} failed" if report.failed else ""
@@ -119,6 +126,58 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     check_writable(Path(args.leaderboards), "--leaderboards")
     path = render(run_dir, Path(args.leaderboards), command=f"eebench leaderboard {args.run_dir}")
     print(path)
+    return 0
+
+
+def _numbers(text: str | None, kind: type, key: str) -> list | None:
+    """``1,256`` -> [1, 256]; one line naming the option when a value is not a number."""
+    if text is None:
+        return None
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise EebenchError(f"'{text}' is not a comma-separated list of {kind.__name__}s; expected e.g. "
+                           f"{'1,256' if kind is int else '0.25,0.5'}", where="command line", key=key) from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from eebench.bench import bench_run
+    from eebench.errors import check_writable
+    from eebench.leaderboard import render
+    from eebench.plugins import default_registry
+    from eebench.progress import console
+    from eebench.runner import read_run_suite
+    from eebench.suite import LatencySpec, expand
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "cells").is_dir():
+        raise EebenchError("no cells/ folder; expected a run directory written by 'eebench run'",
+                           where=str(run_dir), key="RUN_DIR")
+    suite, suite_path = read_run_suite(run_dir)
+    base = (suite.latency if suite and suite.latency else LatencySpec()).model_dump()
+    overrides = {"batch_sizes": _numbers(args.batch_sizes, int, "--batch-sizes"),
+                 "targets": _numbers(args.targets, float, "--targets"), "samples": args.samples,
+                 "batch1_samples": args.batch1_samples, "repeats": args.repeats, "threads": args.threads}
+    try:
+        settings = LatencySpec(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise EebenchError(f"{error['msg']}", where="command line",
+                           key="--" + str(error["loc"][0]).replace("_", "-")) from None
+    board_dir = Path(args.leaderboards or (suite.outputs.leaderboard_dir if suite else "leaderboards"))
+    check_writable(board_dir, "--leaderboards")
+    device = _device(args.device)
+    targets = settings.targets or (suite.targets if suite else None)
+    ids = {cell.cell_id for cell in expand(suite)} if suite else None
+    timed = bench_run(run_dir, default_registry(), device, settings, targets,
+                      only=None if ids is None else (lambda r: r["cell_id"] in ids),
+                      log=lambda line: console.print(line, markup=False, highlight=False))
+    command = f"eebench run {suite_path} && eebench bench {args.run_dir}" if suite else f"eebench bench {args.run_dir}"
+    path = render(run_dir, board_dir, suite.name if suite else None, suite.targets if suite else None,
+                  suite.description if suite else "", command, suite.notes if suite else None, cell_ids=ids)
+    print(f"{len(timed)} cells timed; results in {run_dir}/cells; leaderboard {path}")
     return 0
 
 
@@ -151,6 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("run_dir")
     board.add_argument("--leaderboards", default="leaderboards")
     board.set_defaults(func=cmd_leaderboard)
+    bench = sub.add_parser("bench", parents=[common],
+                           help="time each finished cell's early-exit network (batch 1, batched) next to its MACs")
+    bench.add_argument("run_dir")
+    bench.add_argument("--batch-sizes", help="comma-separated, e.g. 1,256 (1 = one sample at a time)")
+    bench.add_argument("--targets", help="φ policies to time, e.g. 0.25,0.5 (default: the suite's)")
+    bench.add_argument("--samples", type=int, help="test samples streamed at batch sizes > 1 (0 = all; default 2000)")
+    bench.add_argument("--batch1-samples", type=int, help="test samples streamed at batch 1 (default 300)")
+    bench.add_argument("--repeats", type=int, help="timed passes per measurement (default 5)")
+    bench.add_argument("--threads", type=int, help="torch CPU threads while timing (default: unchanged)")
+    bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    bench.add_argument("--leaderboards", help="leaderboard directory (default: the suite's, else leaderboards)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -237,6 +237,7 @@ def _render(results: list[dict[str, Any]], failures: list[dict[str, Any]], leade
         lines += ["", f"![accuracy–cost curves]({figure.relative_to(leaderboard_dir).as_posix()})", ""]
         lines += _exit_table(group, many_budgets, targets)
         lines += _operating_point_table(group, many_budgets)
+        lines += _speed_table(group, many_budgets)
     notes = sorted({r["notes"] for r in results if r.get("notes")})
     if failures:
         lines += ["## Failed cells", "",
@@ -350,3 +351,59 @@ def _exit_table(group: list[dict[str, Any]], many_budgets: bool, targets: list[f
         counts = at["exit_counts"]
         lines.append(f"- {label}: {_exit_shares(rows[0]['exits']['names'], counts)}")
     return [*lines, ""]
+
+
+def _latency_modes(rows: list[dict[str, Any]]) -> tuple[str | None, int | None]:
+    """The batch-1 key and the largest batch size timed in ``rows``' latency blocks."""
+    sizes = sorted({int(size) for r in rows for size in r["latency"]["backbone"]})
+    batch1 = "batch1" if 1 in sizes else None
+    larger = [size for size in sizes if size > 1]
+    return batch1, (larger[-1] if larger else None)
+
+
+def _speed(entries: list[dict[str, Any]], key: str | None) -> tuple[str, str]:
+    """Mean measured speedup of a mode over seeds, and its ratio to the MAC speedup on the same samples."""
+    timings = [e["modes"].get(key) for e in entries] if key else [None]
+    if None in timings:
+        return "—", "—"
+    speedup = statistics.mean(t["speedup"] for t in timings)
+    ratio = statistics.mean(t["speedup"] / t["mac_speedup"] for t in timings)
+    return f"{speedup:.2f}×", f"{ratio:.2f}"
+
+
+def _speed_table(group: list[dict[str, Any]], many_budgets: bool) -> list[str]:
+    """Measured speed of each φ policy run as a real early-exit network (``eebench bench``), next to its MACs."""
+    timed = [r for r in group if r.get("latency")]
+    if not timed:
+        return []
+    batch1, larger = _latency_modes(timed)
+    latency = timed[0]["latency"]
+    hw, settings = latency["hardware"], latency["settings"]
+    plain = latency["backbone"]
+    base = []
+    if batch1:
+        base.append(f"{plain['1']['ms_per_sample']:.2f} ms per sample at batch 1")
+    if larger:
+        base.append(f"{plain[str(larger)]['samples_per_s']:,.0f} samples/s at batch {larger}")
+    lines = ["", f"Measured speed (`eebench bench`; {hw['cpu']}, {hw['threads']} threads, device {hw['device']}; "
+             f"median of {settings['repeats']} passes over the first {settings['batch1_samples']} test samples at "
+             f"batch 1 and {settings['samples'] or 'all'} at larger batches; the plain backbone ran "
+             f"{' and '.join(base)}). A speedup is the plain backbone's time per sample divided by the policy's, at "
+             "the same batch size on the same samples; MAC speedup is 1 / the policy's normalised MACs on those "
+             "samples; ratio = measured / MAC (1 = the MAC saving fully became time):", "",
+             f"| method | φ | MAC speedup | batch 1 | ratio | batch {larger} compacted | ratio | "
+             f"batch {larger} masked | ratio |", "|---" * 9 + "|"]
+    for label, rows in _group(timed, lambda r: _row_label(r, many_budgets)).items():
+        targets = sorted({t for r in rows for t in r["latency"]["policies"]}, key=float)
+        for target in targets:
+            entries = [r["latency"]["policies"].get(target) for r in rows]
+            if None in entries:
+                lines.append(f"| {label} | {float(target):.2f} | — (cannot run this cheaply) |  |  |  |  |  |  |")
+                continue
+            mac = statistics.mean(e["mac_speedup"] for e in entries)
+            one, one_ratio = _speed(entries, batch1)
+            compact, compact_ratio = _speed(entries, f"compact@{larger}" if larger else None)
+            masked, masked_ratio = _speed(entries, f"masked@{larger}" if larger else None)
+            lines.append(f"| {label} | {float(target):.2f} | {mac:.2f}× | {one} | {one_ratio} | {compact} | "
+                         f"{compact_ratio} | {masked} | {masked_ratio} |")
+    return lines

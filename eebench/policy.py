@@ -122,7 +122,7 @@ def vector_outcome(trace: ExitTrace, thresholds: torch.Tensor, costs: ExitCosts)
     if trace.chained:
         enabled = enabled.flip(-1).cummax(-1).values.flip(-1)
     paid = costs.normalised(enabled)[first[0]]
-    return PolicyOutcome(first[0], correct[0], paid, trace.preds.gather(0, first)[0])
+    return PolicyOutcome(first[0], correct[0], paid, trace.predictions(row)[0])
 
 
 def policy_outcome(policy: PhiPolicy, thresholds: torch.Tensor, variants: torch.Tensor | None,

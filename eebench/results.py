@@ -15,12 +15,57 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 SCHEMA_VERSION = 2  # 2: accuracy_at holds the calibration-chosen φ policy; budget limits and utilisation; failed cells
 FAILED = "failed"
 #: keys every finished result has (what resuming and the leaderboard read)
 RESULT_KEYS = frozenset({"config_hash", "dataset", "backbone", "method", "budget", "seed", "provenance", "sizes",
                          "backbone_macs", "backbone_test_accuracy", "exits", "spend", "curve", "accuracy_at",
                          "hull_end", "calibration_split"})
+
+
+class CellResult(BaseModel):
+    """A finished cell's result, the typed form of its JSON file (schema ``SCHEMA_VERSION``, documented in
+    README.md). Nested blocks stay plain JSON objects: the leaderboard and third-party tools read them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    cell_id: str
+    config_hash: str
+    config: dict[str, Any]
+    suite: str
+    dataset: str
+    backbone: str
+    method: str
+    budget: dict[str, Any]
+    seed: int
+    calibrator: str
+    calibration_split: str
+    notes: str
+    provenance: dict[str, Any]
+    sizes: dict[str, int]
+    backbone_macs: float
+    backbone_test_accuracy: float | None
+    exits: dict[str, Any]
+    variants: list[str]
+    spend: dict[str, Any]
+    curve: dict[str, Any]
+    accuracy_at: dict[str, dict[str, Any] | None]
+    hull_end: dict[str, Any]
+    no_exit: dict[str, Any]
+    operating_points: list[dict[str, Any]]
+    fit_info: dict[str, Any]
+    latency: dict[str, Any] | None = None  # measured speed (``eebench bench``), when timed
+
+    def to_json_dict(self) -> dict[str, Any]:
+        data = self.model_dump()
+        if data["latency"] is None:
+            del data["latency"]
+        return data
+
+
 #: keys every failed-cell record has
 FAILURE_KEYS = frozenset({"status", "cell_id", "config_hash", "dataset", "backbone", "method", "budget", "seed",
                           "error"})

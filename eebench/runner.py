@@ -33,11 +33,12 @@ from eebench.calibration import Curve, build_curve
 from eebench.costs import ExitCosts, StageCosts
 from eebench.datasets import DatasetBundle, dataset_labels, seeded_subset_indices, take
 from eebench.errors import EebenchError, build_plugin, check_writable, plugin_errors
+from eebench.inference import save_state
 from eebench.model import StagedBackbone
 from eebench.plugins import KIND_LABELS, Registry
 from eebench.policy import operating_point
-from eebench.results import FAILED, SCHEMA_VERSION, finished, save_cell
-from eebench.strategy import MethodContext, OperatingPoint
+from eebench.results import FAILED, SCHEMA_VERSION, CellResult, finished, save_cell, write_atomic
+from eebench.strategy import ExitStrategy, MethodContext, MethodReport, OperatingPoint
 from eebench.suite import BackboneSpec, Cell, DatasetSpec, Suite, expand
 from eebench.trace import ExitOutputError, ExitTrace, compute_traces, thresholds_to_json
 
@@ -102,6 +103,7 @@ class Runner:
         self._broken: dict[str, BaseException] = {}
         # (phase, plugin kind, plugin name) of the step running now: who is blamed when a cell fails
         self.blame: tuple[str, str, str] = ("data", "datasets", "")
+        self.last_strategy: ExitStrategy | None = None  # the fitted strategy of the cell run last (saved with it)
 
     def _blame(self, phase: str, kind: str, name: str) -> None:
         self.blame = (phase, kind, name)
@@ -186,9 +188,38 @@ class Runner:
             self._bases[key] = (state, info, costs)
         return self._bases[key]
 
+    def strategy_for(self, cell: Cell, splits: Splits, backbone: StagedBackbone, stage_costs: StageCosts,
+                     backbone_key: str) -> ExitStrategy:
+        """The cell's exit strategy, built from its plugin and params on ``backbone`` (not yet fitted)."""
+        m = self._index(self.suite.methods, cell.method)
+        context = MethodContext(
+            num_classes=splits.bundle.num_classes, input_shape=splits.bundle.input_shape,
+            stage_costs=stage_costs, device=self.device, seed=cell.seed, batch_size=cell.batch_size,
+            train_batch_size=cell.train_batch_size, augment=splits.bundle.augment,
+            backbone_key=backbone_key, activations=self.activations,
+            fresh_backbone=lambda: self.build_backbone(cell.backbone, splits.bundle, cell.seed).to(self.device),
+        )
+        self._blame("method", "exit_strategies", cell.method.name)
+        factory = self.registry.get("exit_strategies", cell.method.name, where=self.where, key=f"methods[{m}].name")
+        torch.manual_seed(cell.seed)
+        strategy = build_plugin(factory, self.where, f"methods[{m}].params", (backbone, context), cell.method.params)
+        for module in strategy.modules():
+            module.to(self.device)
+        return strategy
+
     def run_cell(self, cell: Cell) -> dict[str, Any]:
-        """One cell's result. ``self.blame`` says, while it runs and after it raised, which phase
-        and plugin was at work."""
+        """One cell's result: prepare, fit, trace, calibrate, assemble. ``self.blame`` says, while it runs
+        and after it raised, which phase and plugin was at work."""
+        work = self._prepare(cell)
+        self._fit(work)
+        calibration_traces, test_traces = self._traces(work)
+        calibrated = self._calibrate(work, calibration_traces, test_traces)
+        self.last_strategy = work.strategy
+        return self._assemble(work, calibrated)
+
+    def _prepare(self, cell: Cell) -> CellWork:
+        """Splits, the base backbone, the strategy, its budget and calibrator: everything built from the
+        suite's values before any of the cell's work (bad values here are bad input of the suite)."""
         phases: dict[str, float] = {}
         tick = time.perf_counter()
         self._blame("data", "datasets", cell.dataset.name)
@@ -203,23 +234,9 @@ class Runner:
         backbone.to(self.device).eval()
         phases["backbone"] = time.perf_counter() - tick
 
-        m = self._index(self.suite.methods, cell.method)
-        context = MethodContext(
-            num_classes=splits.bundle.num_classes, input_shape=splits.bundle.input_shape,
-            stage_costs=stage_costs, device=self.device, seed=cell.seed, batch_size=cell.batch_size,
-            train_batch_size=cell.train_batch_size, augment=splits.bundle.augment,
-            backbone_key=base_info.key, activations=self.activations,
-            fresh_backbone=lambda: self.build_backbone(cell.backbone, splits.bundle, cell.seed).to(self.device),
-        )
         self.activations.keep_only(base_info.key)
-        method = cell.method.name
-        self._blame("method", "exit_strategies", method)
-        strategy_factory = self.registry.get("exit_strategies", method, where=self.where, key=f"methods[{m}].name")
-        torch.manual_seed(cell.seed)
-        strategy = build_plugin(strategy_factory, self.where, f"methods[{m}].params", (backbone, context),
-                                cell.method.params)
-        for module in strategy.modules():
-            module.to(self.device)
+        strategy = self.strategy_for(cell, splits, backbone, stage_costs, base_info.key)
+        m = self._index(self.suite.methods, cell.method)
         b = self._index(self.suite.budgets, cell.budget)
         self._blame("budget", "budgets", cell.budget.name)
         budget = build_plugin(self.registry.get("budgets", cell.budget.name, where=self.where,
@@ -234,111 +251,163 @@ class Runner:
                                                key=f"methods[{m}].calibrator")
         calibrator = build_plugin(calibrator_factory, self.where, f"methods[{m}].calibrator.params",
                                   params=calibrator_ref.params if calibrator_ref else {})
+        plugin = f"exit strategy '{cell.method.name}' ({self.registry.owner('exit_strategies', cell.method.name)})"
+        return CellWork(cell, m, splits, base_info, stage_costs, strategy, budget, calibrator, calibrator_name,
+                        plugin, phases)
 
+    def _fit(self, work: CellWork) -> None:
+        """The method's fit under its budget; a spend beyond the budget fails the cell."""
+        cell, m, budget = work.cell, work.method_index, work.budget
         tick = time.perf_counter()
-        self._blame("fit", "exit_strategies", method)
+        self._blame("fit", "exit_strategies", cell.method.name)
         budget.start()
         with plugin_errors(self.where, f"methods[{m}]", params_key=f"methods[{m}].params"):
-            strategy.fit(splits.train, budget)  # a plugin's EebenchError (a NaN loss...) is located in the suite
+            work.strategy.fit(work.splits.train, budget)  # a plugin's EebenchError (a NaN loss...) is located
         budget.finish()
-        phases["fit"] = time.perf_counter() - tick
+        work.phases["fit"] = time.perf_counter() - tick
         overspent = budget.overspent()  # spend ≤ budget, at the budget's granularity (eebench.budget)
         if overspent:
             named = cell.method.display if cell.method.display == cell.method.name else \
                 f"{cell.method.display}' ('{cell.method.name}"
             raise EebenchError(f"method '{named}' {overspent}", where=self.where, key=f"methods[{m}]")
 
-        plugin = f"exit strategy '{method}' ({self.registry.owner('exit_strategies', method)})"
+    def _traces(self, work: CellWork) -> tuple[list[ExitTrace], list[ExitTrace]]:
+        """The calibration traces (through the method's ``calibration_view``) and the test traces."""
+        cell, strategy, method = work.cell, work.strategy, work.cell.method.name
         tick = time.perf_counter()
         self._blame("trace_calibration", "exit_strategies", method)
         calibration_traces = [strategy.calibration_view(trace) for trace in compute_traces(
-            strategy, splits.calibration, batch_size=cell.batch_size, device=self.device,
-            description="calibration trace", plugin=plugin)]
-        phases["trace_calibration"] = time.perf_counter() - tick
+            strategy, work.splits.calibration, batch_size=cell.batch_size, device=self.device,
+            description="calibration trace", plugin=work.plugin, calibration=True)]
+        work.phases["trace_calibration"] = time.perf_counter() - tick
         tick = time.perf_counter()
         self._blame("trace_test", "exit_strategies", method)
-        test_traces = compute_traces(strategy, splits.test, batch_size=cell.batch_size, device=self.device,
-                                     description="test trace", plugin=plugin)
-        phases["trace_test"] = time.perf_counter() - tick
+        test_traces = compute_traces(strategy, work.splits.test, batch_size=cell.batch_size, device=self.device,
+                                     description="test trace", plugin=work.plugin)
+        work.phases["trace_test"] = time.perf_counter() - tick
+        return calibration_traces, test_traces
 
+    def _calibrate(self, work: CellWork, calibration_traces: list[ExitTrace],
+                   test_traces: list[ExitTrace]) -> Calibrated:
+        """Thresholds chosen on the calibration traces; the hull, φ policies and operating points evaluated."""
+        cell, m, strategy, method = work.cell, work.method_index, work.strategy, work.cell.method.name
         tick = time.perf_counter()
         self._blame("calibrate", "exit_strategies", method)
         exit_costs = strategy.exit_costs()
         exits = {trace.num_exits for trace in [*calibration_traces, *test_traces]}
         if exits != {exit_costs.num_exits}:
-            raise ExitOutputError(f"{plugin}: its traces have {sorted(exits)} exits but exit_costs() "
+            raise ExitOutputError(f"{work.plugin}: its traces have {sorted(exits)} exits but exit_costs() "
                                   f"{exit_costs.num_exits}; expected one number")
         generator = torch.Generator().manual_seed(cell.seed)
-        self._blame("calibrate", "calibrators", calibrator_name)
+        self._blame("calibrate", "calibrators", work.calibrator_name)
         with plugin_errors(self.where, f"methods[{m}].calibrator", params_key=f"methods[{m}].calibrator.params"):
-            candidates = [calibrator.thresholds(trace, exit_costs, generator) for trace in calibration_traces]
+            candidates = [work.calibrator.thresholds(trace, exit_costs, generator) for trace in calibration_traces]
         self._blame("calibrate", "exit_strategies", method)
+        report = strategy.report()
+        metrics = report.extra_metrics or _no_metrics
         curve = build_curve(calibration_traces, test_traces, exit_costs, candidates)
         test_trace = test_traces[0]
         no_exit = test_trace.evaluate(no_exit_vector(test_trace), exit_costs)
-        operating_points = evaluate_operating_points(strategy.operating_points(), calibration_traces, test_traces,
-                                                     exit_costs, strategy.extra_metrics)
+        operating_points = evaluate_operating_points(report.operating_points, calibration_traces, test_traces,
+                                                     exit_costs, metrics)
         curve_dict = curve.to_dict()
-        native = strategy.native_thresholds(curve.thresholds)
+        native = report.native_thresholds(curve.thresholds) if report.native_thresholds else None
         if native:
             curve_dict["native_thresholds"] = native
-        no_exit_metrics = _metrics(strategy.extra_metrics, test_trace, no_exit_vector(test_trace))
-        curve_metrics = _curve_metrics(strategy.extra_metrics, test_traces, curve.thresholds, curve.variants)
+        no_exit_metrics = _metrics(metrics, test_trace, no_exit_vector(test_trace))
+        curve_metrics = _curve_metrics(metrics, test_traces, curve.thresholds, curve.variants)
         if curve_metrics:
             curve_dict["test"]["metrics"] = curve_metrics
         accuracy_at = phi_points(curve, calibration_traces, test_traces, exit_costs, self.suite.targets,
-                                 cell.seed, strategy.extra_metrics if curve_metrics else None)
-        phases["calibrate"] = time.perf_counter() - tick
+                                 cell.seed, metrics if curve_metrics else None)
+        work.phases["calibrate"] = time.perf_counter() - tick
+        return Calibrated(report, exit_costs, curve, curve_dict, accuracy_at, operating_points,
+                          {"test_accuracy": float(no_exit.accuracy[0]), "test_cost": float(no_exit.cost[0]),
+                           **({"metrics": no_exit_metrics} if no_exit_metrics else {})})
 
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "cell_id": cell.cell_id,
-            "config_hash": cell.config_hash,
-            "config": cell.config(),
-            "suite": self.suite.name,
-            "dataset": cell.dataset.display,
-            "backbone": cell.backbone.display,
-            "method": cell.method.display,
-            "budget": {"name": cell.budget.name, "params": cell.budget.params, "label": budget.describe(),
-                       "limits": budget.limits(), "utilisation": budget.utilisation()},
-            "seed": cell.seed,
-            "calibrator": calibrator_name,
-            "calibration_split": splits.calibration_name,
-            "notes": strategy.notes,
-            "provenance": {
+    def _assemble(self, work: CellWork, done: Calibrated) -> dict[str, Any]:
+        """The cell's result (``CellResult``, schema ``SCHEMA_VERSION``) as a JSON-ready dict."""
+        cell, splits, budget, base_info = work.cell, work.splits, work.budget, work.base_info
+        curve = done.curve
+        result = CellResult(
+            schema_version=SCHEMA_VERSION,
+            cell_id=cell.cell_id,
+            config_hash=cell.config_hash,
+            config=cell.config(),
+            suite=self.suite.name,
+            dataset=cell.dataset.display,
+            backbone=cell.backbone.display,
+            method=cell.method.display,
+            budget={"name": cell.budget.name, "params": cell.budget.params, "label": budget.describe(),
+                    "limits": budget.limits(), "utilisation": budget.utilisation()},
+            seed=cell.seed,
+            calibrator=work.calibrator_name,
+            calibration_split=splits.calibration_name,
+            notes=done.report.notes,
+            provenance={
                 "eebench": eebench.__version__,
                 "plugins": {
                     "dataset": self.registry.plugin_version("datasets", cell.dataset.name),
                     "backbone": self.registry.plugin_version("backbones", cell.backbone.name),
                     "method": self.registry.plugin_version("exit_strategies", cell.method.name),
-                    "calibrator": self.registry.plugin_version("calibrators", calibrator_name),
+                    "calibrator": self.registry.plugin_version("calibrators", work.calibrator_name),
                     "budget": self.registry.plugin_version("budgets", cell.budget.name),
                 },
                 "torch": torch.__version__,
                 "python": platform.python_version(),
                 "device": str(self.device),
                 "threads": torch.get_num_threads(),  # CPU float reductions, hence numbers, depend on it
-                "seconds": {k: round(v, 3) for k, v in phases.items()},
+                "seconds": {k: round(v, 3) for k, v in work.phases.items()},
                 "base_backbone": {"key": base_info.key, "source": base_info.source,
                                   "train_seconds": round(base_info.train_seconds, 2),
                                   "train_samples": base_info.train_samples},
             },
-            "sizes": {"train": len(splits.train), "calibration": len(splits.calibration), "test": len(splits.test)},
-            "backbone_macs": stage_costs.total,
-            "backbone_test_accuracy": base_info.test_accuracy,
-            "exits": {"names": strategy.exit_names(), **exit_costs.to_dict()},
-            "variants": strategy.variant_names(),
-            "spend": budget.spend.to_dict(),
-            "curve": curve_dict,
-            "accuracy_at": accuracy_at,
-            "hull_end": {"test_accuracy": float(curve.test_accuracy[-1]), "test_cost": float(curve.test_cost[-1]),
-                         "calibration_accuracy": float(curve.calibration_accuracy[-1]),
-                         "calibration_cost": float(curve.calibration_cost[-1]), "point": len(curve.test_cost) - 1},
-            "no_exit": {"test_accuracy": float(no_exit.accuracy[0]), "test_cost": float(no_exit.cost[0]),
-                        **({"metrics": no_exit_metrics} if no_exit_metrics else {})},
-            "operating_points": operating_points,
-            "fit_info": strategy.fit_info(),
-        }
+            sizes={"train": len(splits.train), "calibration": len(splits.calibration), "test": len(splits.test)},
+            backbone_macs=work.stage_costs.total,
+            backbone_test_accuracy=base_info.test_accuracy,
+            exits={"names": done.report.exit_names, **done.exit_costs.to_dict()},
+            variants=done.report.variants,
+            spend=budget.spend.to_dict(),
+            curve=done.curve_dict,
+            accuracy_at=done.accuracy_at,
+            hull_end={"test_accuracy": float(curve.test_accuracy[-1]), "test_cost": float(curve.test_cost[-1]),
+                      "calibration_accuracy": float(curve.calibration_accuracy[-1]),
+                      "calibration_cost": float(curve.calibration_cost[-1]), "point": len(curve.test_cost) - 1},
+            no_exit=done.no_exit,
+            operating_points=done.operating_points,
+            fit_info=done.report.fit_info,
+        )
+        return result.to_json_dict()
+
+
+@dataclass
+class CellWork:
+    """What one cell's phases hand each other."""
+
+    cell: Cell
+    method_index: int
+    splits: Splits
+    base_info: BaseInfo
+    stage_costs: StageCosts
+    strategy: ExitStrategy
+    budget: Any
+    calibrator: Any
+    calibrator_name: str
+    plugin: str  # "exit strategy 'x' (package)", for error messages
+    phases: dict[str, float]
+
+
+@dataclass
+class Calibrated:
+    """What calibration produced for the result."""
+
+    report: MethodReport
+    exit_costs: ExitCosts
+    curve: Curve
+    curve_dict: dict[str, Any]
+    accuracy_at: dict[str, Any]
+    operating_points: list[dict[str, Any]]
+    no_exit: dict[str, Any]
 
 
 Metrics = Callable[[torch.Tensor, torch.Tensor], dict[str, list[float]]]
@@ -355,14 +424,17 @@ def phi_points(curve: Curve, calibration: list[ExitTrace], test: list[ExitTrace]
             for t in sorted({*targets, 1.0})}
 
 
+def _no_metrics(preds: torch.Tensor, labels: torch.Tensor) -> dict[str, list[float]]:
+    return {}
+
+
 def no_exit_vector(trace: ExitTrace) -> torch.Tensor:
     return torch.full((1, trace.num_exits - 1), float("inf"), dtype=torch.float64)
 
 
 def _predictions(trace: ExitTrace, thresholds: torch.Tensor) -> torch.Tensor:
-    """[V, N] the prediction each sample leaves with (the prediction of its exit)."""
-    first, _ = trace.outcome(torch.as_tensor(thresholds, dtype=torch.float64).reshape(-1, trace.num_exits - 1))
-    return trace.preds.gather(0, first)
+    """[V, N] the prediction each sample leaves with (``ExitTrace.predictions``)."""
+    return trace.predictions(thresholds)
 
 
 def _metrics(metrics: Metrics, trace: ExitTrace, thresholds: torch.Tensor) -> dict[str, float]:
@@ -507,6 +579,39 @@ def _save(report: RunReport, run_dir: Path, cell_id: str, payload: dict[str, Any
         return None
 
 
+RUN_SUITE = "suite.json"
+
+
+def _write_run_suite(run_dir: Path, suite: Suite, suite_path: str) -> None:
+    """The suite a run directory was last run with, so ``eebench bench`` can redraw its leaderboard."""
+    try:
+        write_atomic(run_dir / RUN_SUITE, {"path": suite_path, "suite": suite.model_dump(mode="json")})
+    except OSError as exc:
+        _warn(f"cannot write {run_dir / RUN_SUITE} ({exc.strerror or exc}); 'eebench bench' will draw a plain "
+              "leaderboard")
+
+
+def read_run_suite(run_dir: Path) -> tuple[Suite | None, str]:
+    """The suite recorded by ``eebench run`` in ``run_dir`` and its path, or (None, "") when absent or unreadable."""
+    try:
+        data = json.loads((run_dir / RUN_SUITE).read_text())
+        return Suite(**data["suite"]), str(data["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, ""
+
+
+def _save_strategy(run_dir: Path, cell: Cell, strategy: ExitStrategy | None) -> None:
+    """The fitted strategy's state next to its result, for ``eebench bench``; a state that cannot be
+    written costs the bench of that cell, not the result."""
+    if strategy is None:
+        return
+    try:
+        save_state(run_dir, cell.cell_id, cell.config_hash, strategy)
+    except OSError as exc:
+        _warn(f"cannot write the state of cell {cell.cell_id} to {run_dir / 'states'} ({exc.strerror or exc}); "
+              "'eebench bench' will not be able to time it")
+
+
 def _check_cache(cells: list[Cell]) -> None:
     """The backbone cache must take the base networks this run will train, before any work."""
     if any(Runner.needs_cache_write(cell) for cell in cells):
@@ -531,6 +636,7 @@ def run_suite(suite: Suite, registry: Registry, *, suite_path: str, run_dir: Pat
         raise EebenchError(f"no cell matches --only '{only}'; expected a glob over cell ids",
                            where=suite_path, key="--only")
     with run_lock(run_dir):
+        _write_run_suite(run_dir, suite, suite_path)
         todo = [c for c in cells if not finished(run_dir, c.cell_id, c.config_hash, str(device))]
         _check_cache(todo)
         return _run_cells(suite, registry, cells, suite_path=suite_path, run_dir=run_dir, device=device, log=log,
@@ -565,6 +671,7 @@ def _run_cells(suite: Suite, registry: Registry, cells: list[Cell], *, suite_pat
                 f"{describe_failure(record)}{where}")
             sys.stdout.flush()
             continue
+        _save_strategy(run_dir, cell, runner.last_strategy)
         _save(report, run_dir, cell.cell_id, result, text)
         report.done.append(cell.cell_id)
         at = ", ".join(f"φ={k}: {v['accuracy']:.3f}" if v else f"φ={k}: —" for k, v in result["accuracy_at"].items())

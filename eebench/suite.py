@@ -142,6 +142,31 @@ class Outputs(BaseModel):
         return check_path(value, "the directory")
 
 
+class LatencySpec(BaseModel):
+    """How ``eebench bench`` (or a suite's ``latency:`` block) times the early-exit networks.
+
+    ``batch_sizes``: 1 = one sample at a time; larger ones run with compaction (and masking when
+    ``masked``). ``samples``: the test split's first samples streamed at the larger batch sizes (0 = all),
+    ``batch1_samples`` at batch 1. ``targets``: the φ policies timed (default: the suite's).
+    ``threads``: torch's CPU thread count for the timing (default: as the process has it)."""
+
+    model_config = Strict
+
+    batch_sizes: list[Count] = Field(default_factory=lambda: [1, 256], min_length=1)
+    targets: list[float] | None = None
+    samples: int = Field(2000, ge=0)
+    batch1_samples: Count = 300
+    repeats: Count = 5
+    warmup: int = Field(1, ge=0)
+    threads: Count | None = None
+    masked: bool = True
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _sizes(cls, value: list[int]) -> list[int]:
+        return sorted(set(value))
+
+
 class Suite(BaseModel):
     model_config = Strict
     name: str
@@ -156,6 +181,7 @@ class Suite(BaseModel):
     batch_size: Count = 256
     train_batch_size: Count = 128
     outputs: Outputs = Field(default_factory=Outputs)
+    latency: LatencySpec | None = None  # time every finished cell's early-exit network after the run
 
     @field_validator("name")
     @classmethod

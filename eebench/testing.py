@@ -6,11 +6,15 @@ calibrator plugins) on a small seeded Fashion-MNIST subset, twice, and checks wh
 harness relies on:
 
 ``outputs``
-    every batch of ``exit_outputs`` / ``cached_outputs`` and every trace: preds and scores
-    [E, B] (or [P, E, B] with P == len(variant_names())), integer class ids in [0, K), floating
-    scores that may be +-inf but never NaN, one trace per variant;
-``exit-names``
-    ``len(exit_names()) == exit_costs().num_exits ==`` the exits in the outputs, names unique;
+    every ``exit_step`` output: preds and scores [B] for the rows asked (or [P, B] with
+    P == len(report().variants)), integer class ids in [0, K), floating scores that may be
+    +-inf but never NaN, a ``detail`` (if any) with one row per row asked; every trace
+    (``split_traces``, ``build_traces``, ``calibration_view``, the harness's): one per variant,
+    valid as ``eebench.trace.trace_problem`` says;
+``report``
+    ``report()`` is a ``MethodReport``: exit names unique, ``len(exit_names) ==
+    exit_costs().num_exits ==`` the exits in the outputs, ``variants`` the P of the outputs,
+    operating points of E-1 thresholds naming a variant there is;
 ``costs``
     every MAC count finite, backbone MACs > 0, overheads >= 0, reference > 0, cumulative
     cost non-decreasing along the exits;
@@ -19,12 +23,26 @@ harness relies on:
     ``backbone_macs[-1]`` plus the last overhead (every overhead for a ``chained`` method),
     normalised; an exit set to +inf in any calibrated vector takes no sample; the traces'
     ``strict`` / ``chained`` flags are the method's;
+``executor``
+    the real early-exit network (``eebench.stepping.run_early_exit``: batched with compaction,
+    batched with masking, and batch 1 on the first samples) sends every test sample to the exit
+    the test trace says (``ExitTrace.outcome``), right or wrong as the trace says, with the
+    trace's prediction (its exit's, or the trace's ``predictions(thresholds)`` where it has one; a
+    trace with its own ``outcome`` rule and no ``predictions`` is compared by correctness only),
+    for several threshold vectors per variant (per-exit score quantiles, one with the first exit
+    off, every exit off, calibrated hull vectors) and one matrix mixing two vectors (and
+    variants) by row;
+``state``
+    a freshly built strategy (same factory, params and context, another global seed) given
+    ``load_state_dict`` of ``state_dict()`` (saved and loaded back as ``eebench bench`` does,
+    ``torch.load(weights_only=True)``) reproduces the test trace exactly;
 ``budget``
     after ``fit`` the budget is not overspent (``Budget.overspent()``);
 ``test-isolation``
     the test split is a sentinel dataset that records every read (``__getitem__``, and the
     ``images`` / ``labels`` tensors the fast paths use): nothing may read it from the
-    method's construction until the harness starts the test trace;
+    method's construction until its calibration traces are done (their ``calibration_view``
+    included), when the harness starts the test trace;
 ``determinism``
     a second run with the same seed (and a fresh activation cache, so shared passes are
     recomputed) gives identical traces, costs, spend and results.
@@ -42,6 +60,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import json
 import math
 import time
@@ -62,19 +81,23 @@ from eebench.costs import ExitCosts
 from eebench.datasets import DatasetBundle, TensorImageDataset, dataset_labels, seeded_subset_indices, take
 from eebench.plugins import Registry, default_registry
 from eebench.runner import Runner
-from eebench.strategy import ExitStrategy
+from eebench.stepping import run_early_exit
+from eebench.strategy import ExitStrategy, MethodReport, StepOutput
 from eebench.suite import BackboneSpec, DatasetSpec, MethodSpec, PluginRef, Recipe, Suite, check_plugins, expand
-from eebench.trace import ExitTrace, compute_traces, output_problem, trace_problem
+from eebench.trace import ExitTrace, compute_traces, output_values_problem, trace_problem
 
 __all__ = ["CHECKS", "ConformanceError", "ConformanceReport", "TestSplitSentinel", "check_exit_strategy"]
 
 #: Every check, in the order a run reports them.
-CHECKS = ("outputs", "exit-names", "costs", "exits-off", "budget", "test-isolation", "determinism")
+CHECKS = ("outputs", "report", "costs", "exits-off", "executor", "state", "budget", "test-isolation",
+          "determinism")
 
 DEFAULT_BACKBONE = "resnet20"
 DEFAULT_BACKBONE_PARAMS = {"width": 0.5}  # a quarter of resnet20's MACs: the kit checks contracts, not accuracy
 DEFAULT_RECIPE = {"epochs": 1, "batch_size": 32, "lr": 0.05, "augment": False}
 WHERE = "check_exit_strategy"
+QUANTILES = (0.3, 0.6, 0.9)  # the executor check's per-exit score quantiles
+BATCH1_SAMPLES = 8  # test samples the executor check also runs one at a time
 
 
 class ConformanceError(AssertionError):
@@ -192,6 +215,8 @@ class _Run:
     """What one harness run of the method showed the probe."""
 
     strategy: ExitStrategy | None = None
+    rebuild: Callable[[], ExitStrategy] | None = None  # a fresh strategy: same factory, params, context
+    variants: int | None = None  # len(report().variants), known once fit is done
     budget: Budget | None = None
     fit_seconds: float = 0.0
     calibration: list[ExitTrace] = field(default_factory=list)  # the raw calibration traces
@@ -228,11 +253,13 @@ class _Probe:
         @functools.wraps(self.factory, updated=())  # the real signature, for check_plugins
         def factory(backbone, context, **params):
             self._arm("the method's construction")
+            base = copy.deepcopy(backbone)  # as handed over, before the method changes it
             strategy = self.factory(backbone, context, **params)
             if not isinstance(strategy, ExitStrategy):
                 raise self.fail("outputs", f"the factory returned {type(strategy).__name__}, not an ExitStrategy")
             self._instrument(strategy)
             self.run.strategy = strategy
+            self.run.rebuild = lambda: self.factory(copy.deepcopy(base), context, **params)
             return strategy
         factory.default_calibrator = getattr(self.factory, "default_calibrator", None)  # checked by check_plugins
         return factory
@@ -245,9 +272,8 @@ class _Probe:
 
     def _instrument(self, strategy: ExitStrategy) -> None:
         run = self.run
-        fit, exit_outputs = strategy.fit, strategy.exit_outputs
-        cached_outputs, precomputed_trace = strategy.cached_outputs, strategy.precomputed_trace
-        calibration_view = strategy.calibration_view
+        fit, exit_step, calibration_view = strategy.fit, strategy.exit_step, strategy.calibration_view
+        split_traces, build_traces = strategy.split_traces, strategy.build_traces
 
         def checked_fit(train: Dataset, budget: Budget) -> None:
             run.budget = budget
@@ -257,56 +283,67 @@ class _Probe:
                 fit(train, budget)
             finally:
                 run.fit_seconds += time.perf_counter() - tick
-            self._arm("the calibration trace")  # until the harness starts the test trace
+            self._arm("the calibration trace")  # until the calibration views are done
             self.check_isolation()
+            run.variants = len(self.report(strategy).variants)
 
-        def checked_exit_outputs(x: torch.Tensor):
-            out = exit_outputs(x)
-            self.check_batch(strategy, out, int(x.shape[0]), "exit_outputs")
+        def checked_exit_step(j: int, features: torch.Tensor, state: dict) -> StepOutput:
+            out = exit_step(j, features, state)
+            self.check_step(strategy, j, out, int(features.shape[0]))
             return out
 
-        def checked_cached_outputs(dataset: Dataset):
-            batches = cached_outputs(dataset)
-            if batches is None:
-                return None
-
-            def stream() -> Iterator:
-                for out, y in batches:
-                    self.check_batch(strategy, out, int(y.shape[0]), "cached_outputs")
-                    yield out, y
-            return stream()
-
-        def checked_precomputed_trace(dataset: Dataset):
-            if dataset is self.sentinel:
-                self._arm(None)  # the harness starts the test trace: from here on test may be read
-            traces = precomputed_trace(dataset)
+        def checked_split_traces(dataset: Dataset):
+            traces = split_traces(dataset)
             if traces is not None:
-                for trace in traces if isinstance(traces, list) else [traces]:
-                    self.check_trace(strategy, trace, len(dataset), "precomputed_trace")
+                self.check_traces(strategy, traces, len(dataset), "split_traces")
+            return traces
+
+        def checked_build_traces(preds, scores, labels, details):
+            traces = build_traces(preds, scores, labels, details)
+            self.check_traces(strategy, traces, int(labels.shape[0]), "build_traces")
             return traces
 
         def checked_calibration_view(trace: ExitTrace) -> ExitTrace:
+            self._arm("the calibration trace")
             run.calibration.append(trace)
             view = calibration_view(trace)
             self.check_trace(strategy, view, trace.num_samples, "calibration_view")
             run.views.append(view)
+            self._arm(None)  # the calibration trace is done: the harness's test trace comes next
             return view
 
         strategy.fit = checked_fit
-        strategy.exit_outputs = checked_exit_outputs
-        strategy.cached_outputs = checked_cached_outputs
-        strategy.precomputed_trace = checked_precomputed_trace
+        strategy.exit_step = checked_exit_step
+        strategy.split_traces = checked_split_traces
+        strategy.build_traces = checked_build_traces
         strategy.calibration_view = checked_calibration_view
 
     # -- checks
 
-    def check_batch(self, strategy: ExitStrategy, out: Any, batch: int, where: str) -> None:
+    def report(self, strategy: ExitStrategy) -> MethodReport:
+        """``strategy.report()``, refused (check ``report``) unless it is a MethodReport."""
+        report = strategy.report()
+        if not isinstance(report, MethodReport):
+            raise self.fail("report", f"report() returned {type(report).__name__}; expected a MethodReport")
+        return report
+
+    def check_step(self, strategy: ExitStrategy, j: int, out: Any, rows: int) -> None:
         if "outputs" in self.skipped:
             return
-        problem = output_problem(out, variants=len(strategy.variant_names()), batch=batch,
-                                 num_classes=strategy.context.num_classes)  # the core's own boundary check
+        problem = step_problem(out, rows, self.run.variants, strategy.context.num_classes)
         if problem:
-            raise self.fail("outputs", f"{where}: {problem}")
+            raise self.fail("outputs", f"exit_step({j}): {problem}")
+
+    def check_traces(self, strategy: ExitStrategy, traces: Any, samples: int, where: str) -> None:
+        if "outputs" in self.skipped:
+            return
+        variants = self.run.variants
+        if not isinstance(traces, list) or (variants is not None and len(traces) != variants):
+            count = f"{len(traces)} traces" if isinstance(traces, list) else type(traces).__name__
+            raise self.fail("outputs", f"{where} returned {count}; expected a list of one trace per variant "
+                                       f"({variants}, report().variants)")
+        for trace in traces:
+            self.check_trace(strategy, trace, samples, where)
 
     def check_trace(self, strategy: ExitStrategy, trace: Any, samples: int, where: str) -> None:
         if "outputs" in self.skipped:
@@ -335,16 +372,50 @@ class _Probe:
 
 # ------------------------------------------------------------------------------- post-run checks
 
-def _check_exit_names(probe: _Probe, run: _Run, costs: ExitCosts) -> None:
-    names = run.strategy.exit_names()
-    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
-        raise probe.fail("exit-names", f"exit_names() returned {names!r}; expected a list of strings")
-    if len(set(names)) != len(names):
-        raise probe.fail("exit-names", f"exit_names() {list(names)} repeats a name")
+def step_problem(out: Any, rows: int, variants: int | None, num_classes: int | None) -> str | None:
+    """What is wrong with one ``exit_step`` output for ``rows`` rows, or None: ``StepOutput`` of preds
+    and scores [B] (or [P, B], P == ``variants`` when known), valid values, a ``detail`` of B rows."""
+    preds, scores = getattr(out, "preds", None), getattr(out, "scores", None)
+    if not isinstance(preds, torch.Tensor) or not isinstance(scores, torch.Tensor):
+        return f"returned {type(out).__name__}; expected StepOutput(preds, scores) of tensors"
+    shape = list(preds.shape)
+    if list(scores.shape) != shape:
+        return f"preds are {shape} but scores {list(scores.shape)}; expected the same shape"
+    if preds.ndim not in (1, 2) or shape[-1] != rows:
+        return f"outputs are {shape} for {rows} rows; expected [B] or [P, B], the batch as the last dimension"
+    if preds.ndim == 2 and variants is not None and shape[0] != variants:
+        return f"outputs are {shape}; expected [B] or [P, B] with P == len(report().variants) == {variants}"
+    detail = getattr(out, "detail", None)
+    if detail is not None and (not isinstance(detail, torch.Tensor) or detail.ndim < 1 or detail.shape[0] != rows):
+        what = list(detail.shape) if isinstance(detail, torch.Tensor) else type(detail).__name__
+        return f"detail is {what} for {rows} rows; expected None or a tensor [B, ...]"
+    problem = output_values_problem(preds.unsqueeze(-2), scores.unsqueeze(-2), num_classes)
+    return problem.replace(" (at exits [0])", "") if problem else None
+
+
+# ------------------------------------------------------------------------------- post-run checks
+
+def _check_report(probe: _Probe, run: _Run, costs: ExitCosts) -> None:
+    report = probe.report(run.strategy)
+    names, variants = report.exit_names, report.variants
+    for field_name, values in (("exit_names", names), ("variants", variants)):
+        if not isinstance(values, list | tuple) or not all(isinstance(n, str) for n in values):
+            raise probe.fail("report", f"report().{field_name} is {values!r}; expected a list of strings")
+        if len(set(values)) != len(values):
+            raise probe.fail("report", f"report().{field_name} {list(values)} repeats a name")
     in_traces = sorted({t.num_exits for t in run.calibration + run.test})
     if len(names) != costs.num_exits or in_traces != [costs.num_exits]:
-        raise probe.fail("exit-names", f"{len(names)} exit names {list(names)}, exit_costs() has {costs.num_exits} "
-                                       f"exits and the outputs {in_traces}; expected one number")
+        raise probe.fail("report", f"{len(names)} exit names {list(names)}, exit_costs() has {costs.num_exits} "
+                                   f"exits and the outputs {in_traces}; expected one number")
+    if not variants or len(run.test) != len(variants):
+        raise probe.fail("report", f"report().variants {list(variants)} but the outputs carry {len(run.test)} "
+                                   "variants; expected one name per variant")
+    for point in report.operating_points:
+        thresholds = torch.as_tensor(point.thresholds)
+        if list(thresholds.shape) != [costs.num_exits - 1] or not 0 <= point.variant < len(variants):
+            raise probe.fail("report", f"operating point {point.name!r} has thresholds {list(thresholds.shape)} "
+                                       f"and variant {point.variant}; expected [{costs.num_exits - 1}] thresholds "
+                                       f"and a variant in [0, {len(variants)})")
 
 
 def _check_costs(probe: _Probe, costs: ExitCosts) -> None:
@@ -371,7 +442,7 @@ def _vectors(result: dict[str, Any], variant: int, exits: int) -> torch.Tensor:
 
 
 def _check_exits_off(probe: _Probe, run: _Run, costs: ExitCosts) -> None:
-    strategy, names = run.strategy, run.strategy.exit_names()
+    strategy, names = run.strategy, probe.report(run.strategy).exit_names
     backbone, overhead = costs.backbone_macs.double(), costs.overhead_macs.double()
     paid = overhead.sum() if strategy.chained else overhead[-1]
     expected = float((backbone[-1] + paid) / costs.reference_macs)
@@ -408,6 +479,149 @@ def _check_exits_off(probe: _Probe, run: _Run, costs: ExitCosts) -> None:
                     if taken:
                         raise probe.fail("exits-off", f"{where}: exit {j} ({names[j]}) switched off (+inf) in the "
                                                       f"calibrated vector {vector.tolist()} still took {taken} samples")
+
+
+def _quantile_vector(scores: torch.Tensor, q: float) -> torch.Tensor:
+    """Per early exit, the midpoint between the two adjacent sorted finite test scores at quantile ``q``."""
+    vector = []
+    for row in scores[:-1]:
+        finite = row[torch.isfinite(row)].sort().values
+        if finite.numel() < 2:
+            vector.append(float(finite[0]) if finite.numel() else 0.0)
+            continue
+        i = min(int(q * (finite.numel() - 1)), finite.numel() - 2)
+        vector.append(float((finite[i] + finite[i + 1]) / 2))
+    return torch.tensor(vector, dtype=torch.float64)
+
+
+def _executor_vectors(result: dict[str, Any], trace: ExitTrace, variant: int) -> list[torch.Tensor]:
+    """The threshold vectors the executor check runs: score quantiles, the first exit off, every exit off,
+    and the first, middle and last calibrated hull vectors of the variant."""
+    exits = trace.num_exits
+    vectors = [_quantile_vector(trace.scores, q) for q in QUANTILES]
+    first_off = vectors[1].clone()
+    first_off[0] = math.inf
+    hull = _vectors(result, variant, exits)
+    picked = sorted({0, len(hull) // 2, len(hull) - 1}) if len(hull) else []
+    return [*vectors, first_off, torch.full((exits - 1,), math.inf, dtype=torch.float64), *(hull[i] for i in picked)]
+
+
+def _trace_predictions(trace: ExitTrace, vector: torch.Tensor, first: torch.Tensor) -> torch.Tensor | None:
+    """[N] the class each sample leaves with under ``vector`` (``ExitTrace.predictions``), or None for a
+    trace with its own rule (``outcome``) that does not say which class it answers: compared by
+    correctness only."""
+    if type(trace).outcome is not ExitTrace.outcome and type(trace).predictions is ExitTrace.predictions:
+        return None
+    return trace.predictions(vector[None])[0]
+
+
+def _expected(traces: list[ExitTrace], thresholds: torch.Tensor,
+              variant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """[N] exit index, prediction (None where a trace cannot say) and correctness the test trace gives
+    each row under its own thresholds and variant."""
+    exits = torch.empty(thresholds.shape[0], dtype=torch.long)
+    preds: torch.Tensor | None = torch.empty_like(exits)
+    correct = torch.empty_like(exits, dtype=torch.bool)
+    for (v, values), rows in _groups(thresholds, variant).items():
+        vector = torch.tensor(values, dtype=torch.float64)
+        first, right = traces[v].outcome(vector[None])
+        exits[rows], correct[rows] = first[0, rows], right[0, rows]
+        picked = _trace_predictions(traces[v], vector, first[0])
+        if picked is None or preds is None:
+            preds = None
+        else:
+            preds[rows] = picked[rows]
+    return exits, preds, correct
+
+
+def _groups(thresholds: torch.Tensor, variant: torch.Tensor) -> dict[tuple[int, tuple[float, ...]], torch.Tensor]:
+    """Rows grouped by (variant, threshold vector)."""
+    keys = [(int(v), tuple(row.tolist())) for v, row in zip(variant, thresholds, strict=True)]
+    return {key: torch.tensor([i for i, k in enumerate(keys) if k == key]) for key in dict.fromkeys(keys)}
+
+
+def _run_executor(strategy: ExitStrategy, images: torch.Tensor, thresholds: torch.Tensor, variant: torch.Tensor,
+                  mode: str, batch_size: int, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``run_early_exit`` over ``images`` in ``mode`` (compact, masked, or batch 1), on the CPU afterwards."""
+    size = 1 if mode == "batch 1" else batch_size
+    exits, preds = [], []
+    for start in range(0, images.shape[0], size):
+        rows = slice(start, start + size)
+        e, p = run_early_exit(strategy, images[rows].to(device), thresholds[rows], variant[rows].to(device),
+                              compact=mode != "masked")
+        exits.append(e.cpu())
+        preds.append(p.cpu())
+    return torch.cat(exits), torch.cat(preds)
+
+
+def _check_executor(probe: _Probe, run: _Run, batch_size: int, device: str | torch.device) -> None:
+    strategy, traces = run.strategy, run.test
+    images, labels = probe.sentinel._images, probe.sentinel._labels
+    n = images.shape[0]
+    cases = [(f"variant {v}, thresholds {_show(vector)}", vector.expand(n, -1), torch.full((n,), v))
+             for v, trace in enumerate(traces) for vector in _executor_vectors(run.result, trace, v)]
+    low, high = _quantile_vector(traces[0].scores, QUANTILES[0]), _quantile_vector(traces[-1].scores, QUANTILES[-1])
+    odd = torch.arange(n) % 2 == 1
+    cases.append((f"rows alternating variant 0 at {_show(low)} and variant {len(traces) - 1} at {_show(high)}",
+                  torch.where(odd[:, None], high[None], low[None]), odd.long() * (len(traces) - 1)))
+    strategy.eval()
+    for what, thresholds, variant in cases:
+        want_exits, want_preds, want_correct = _expected(traces, thresholds, variant)
+        for mode in ("compact", "masked", "batch 1"):
+            rows = BATCH1_SAMPLES if mode == "batch 1" else n
+            try:
+                exits, preds = _run_executor(strategy, images[:rows], thresholds[:rows], variant[:rows], mode,
+                                             batch_size, device)
+            except ConformanceError:
+                raise
+            except Exception as exc:
+                raise probe.fail("executor", f"run_early_exit ({mode}, {what}) raised {type(exc).__name__}: "
+                                             f"{exc}") from exc
+            wrong = (exits != want_exits[:rows]) | ((preds == labels[:rows]) != want_correct[:rows])
+            if want_preds is not None:
+                wrong |= preds != want_preds[:rows]
+            if bool(wrong.any()):
+                i = int(wrong.nonzero()[0, 0])
+                trace_class = "" if want_preds is None else f", class {int(want_preds[i])}"
+                raise probe.fail("executor", f"run_early_exit ({mode}, {what}) disagrees with the test trace on "
+                                             f"{int(wrong.sum())} of {rows} samples (sample {i}: exit {int(exits[i])}, "
+                                             f"class {int(preds[i])}, label {int(labels[i])}; the trace: exit "
+                                             f"{int(want_exits[i])}{trace_class}, "
+                                             f"{'right' if want_correct[i] else 'wrong'})")
+
+
+def _show(vector: torch.Tensor) -> str:
+    return "[" + ", ".join("off" if t == math.inf else f"{float(t):.4g}" for t in vector) + "]"
+
+
+def _check_state(probe: _Probe, run: _Run, batch_size: int, device: str | torch.device) -> None:
+    buffer = io.BytesIO()
+    try:
+        torch.save(run.strategy.state_dict(), buffer)
+        buffer.seek(0)
+        state = torch.load(buffer, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise probe.fail("state", f"state_dict() does not survive torch.save and torch.load(weights_only=True), "
+                                  f"as eebench bench stores it: {type(exc).__name__}: {exc}") from exc
+    seed = int(run.result["seed"])
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)  # nothing drawn at construction survives unless state_dict() holds it
+            fresh = run.rebuild()
+        for module in fresh.modules():
+            module.to(device)
+        fresh.load_state_dict(state)
+        fresh.eval()
+        traces = compute_traces(fresh, probe.sentinel, batch_size=batch_size, device=device,
+                                description="conformance state trace")
+    except Exception as exc:
+        raise probe.fail("state", f"a fresh strategy (same params and context) loaded with state_dict() could not "
+                                  f"run the test trace: {type(exc).__name__}: {exc}") from exc
+    detail = _same_traces(run.test, traces)
+    if detail:
+        raise probe.fail("state", f"a fresh strategy (same params and context) loaded with state_dict() gives "
+                                  f"another test trace: {detail}; keep what inference needs in modules() (as "
+                                  "buffers) or override state_dict/load_state_dict")
 
 
 def _same_traces(a: list[ExitTrace], b: list[ExitTrace]) -> str | None:
@@ -567,9 +781,11 @@ def check_exit_strategy(
         costs = first.strategy.exit_costs()
         post = {
             "outputs": lambda: _check_run_outputs(probe, first),
-            "exit-names": lambda: _check_exit_names(probe, first, costs),
+            "report": lambda: _check_report(probe, first, costs),
             "costs": lambda: _check_costs(probe, costs),
             "exits-off": lambda: _check_exits_off(probe, first, costs),
+            "executor": lambda: _check_executor(probe, first, batch_size, device),
+            "state": lambda: _check_state(probe, first, batch_size, device),
             "budget": probe.check_budget,
             "test-isolation": probe.check_isolation,
         }
@@ -593,10 +809,10 @@ def check_exit_strategy(
 
 
 def _check_run_outputs(probe: _Probe, run: _Run) -> None:
-    variants = len(run.strategy.variant_names())
+    variants = len(probe.report(run.strategy).variants)
     for split, traces in (("calibration", run.calibration), ("test", run.test)):
         if len(traces) != variants:
-            raise probe.fail("outputs", f"{len(traces)} {split} traces for {variants} variants (variant_names())")
+            raise probe.fail("outputs", f"{len(traces)} {split} traces for {variants} variants (report().variants)")
     size = run.result["sizes"]
     for trace in run.calibration:
         probe.check_trace(run.strategy, trace, size["calibration"], "calibration trace")

@@ -13,13 +13,7 @@ from torch.utils.data import Dataset
 
 from eebench.costs import ExitCosts
 from eebench.passes import iterate_batches
-from eebench.strategy import ExitStrategy
-
-
-def exit_fires(scores: torch.Tensor, limits: torch.Tensor, strict: bool) -> torch.Tensor:
-    """The exit rule: score > T (strict) or score >= T; a score of -inf vetoes the exit."""
-    passed = scores > limits if strict else scores >= limits
-    return passed & (scores != float("-inf"))
+from eebench.strategy import ExitStrategy, exit_fires
 
 
 def thresholds_to_json(row: torch.Tensor) -> list[float | str | None]:
@@ -54,7 +48,7 @@ def output_values_problem(preds: torch.Tensor, scores: torch.Tensor, num_classes
 
 
 def output_problem(out: object, *, variants: int, batch: int, num_classes: int | None) -> str | None:
-    """What is wrong with one batch of ``exit_outputs`` / ``cached_outputs``, or None: the contract of
+    """What is wrong with one batch of exit outputs, or None: the contract of
     ``ExitOutputs`` (both [E, B], or [P, E, B] with P == ``variants``) and its values. The one check
     the core (``compute_traces``) and the conformance kit (``eebench.testing``) both run."""
     preds, scores = getattr(out, "preds", None), getattr(out, "scores", None)
@@ -64,7 +58,7 @@ def output_problem(out: object, *, variants: int, batch: int, num_classes: int |
     if list(scores.shape) != shape:
         return f"preds are {shape} but scores {list(scores.shape)}; expected the same shape"
     if preds.ndim not in (2, 3) or (preds.ndim == 2 and variants != 1) or (preds.ndim == 3 and shape[0] != variants):
-        return f"outputs are {shape}; expected [E, B] or [P, E, B] with P == len(variant_names()) == {variants}"
+        return f"outputs are {shape}; expected [E, B] or [P, E, B] with P == len(MethodReport.variants) == {variants}"
     if shape[-1] != batch:
         return f"outputs are {shape} for a batch of {batch}; expected the batch as the last dimension ([E, B] or " \
                "[P, E, B])"
@@ -72,7 +66,7 @@ def output_problem(out: object, *, variants: int, batch: int, num_classes: int |
 
 
 def trace_problem(trace: object, *, samples: int, num_classes: int | None) -> str | None:
-    """What is wrong with a trace a method hands the harness (``precomputed_trace``,
+    """What is wrong with a trace a method hands the harness (``build_traces``, ``split_traces``,
     ``calibration_view``), or None."""
     if not isinstance(trace, ExitTrace):
         return f"returned {type(trace).__name__}; expected an ExitTrace"
@@ -136,10 +130,16 @@ class ExitTrace:
         A method whose decision is not "the first exit whose score passes its threshold"
         (e.g. class exclusion, which carries a per-sample set of alive classes from exit
         to exit) subclasses ExitTrace, overrides this and ``first_exit``, and returns its
-        trace from ``ExitStrategy.precomputed_trace``; costs and hulls then work unchanged.
+        trace from ``ExitStrategy.build_traces``; costs and hulls then work unchanged.
         """
         first = self.first_exit(thresholds)
         return first, self.correct.gather(0, first)
+
+    def predictions(self, thresholds: torch.Tensor) -> torch.Tensor:
+        """[V, N] the prediction each sample leaves with: its exit's prediction (a rule with its own
+        final answer, like class exclusion's masked argmax, overrides this)."""
+        first = self.first_exit(torch.as_tensor(thresholds, dtype=torch.float64).reshape(-1, self.num_exits - 1))
+        return self.preds.gather(0, first)
 
     def evaluate(self, thresholds: torch.Tensor, costs: ExitCosts, chunk: int = 0) -> Evaluation:
         """Cost, accuracy and exit counts of each threshold vector ([V, E-1]).
@@ -179,54 +179,59 @@ def compute_traces(
     device: torch.device | str,
     description: str = "trace",
     plugin: str | None = None,
+    calibration: bool = False,
 ) -> list[ExitTrace]:
-    """One batched pass over ``dataset`` collecting every exit's prediction and score.
+    """One batched pass over ``dataset`` asking every exit about every sample (``exit_step``, the
+    calls the executor makes), turned into traces by ``strategy.build_traces``.
 
-    A method whose outputs carry a leading variant dimension ([P, E, B]: one decision rule
-    per hyper-parameter value, e.g. BWDS's lambda) gets one trace per variant, all from
-    the same pass.
+    A method whose outputs carry a leading variant dimension ([P, B]: one decision rule per
+    hyper-parameter value, e.g. BWDS's lambda) gets one trace per variant, all from the same pass.
+    For the ``calibration`` split a method may hand over traces it built without the images
+    (``split_traces``).
 
-    Every batch (and a precomputed trace) is checked at this boundary (``output_problem``):
-    a wrong shape or dtype, a NaN score or a class id outside [0, K) raises ExitOutputError
-    naming ``plugin`` (by default the strategy's class).
+    Every batch and every trace is checked at this boundary (``output_problem``, ``trace_problem``):
+    a wrong shape or dtype, a NaN score or a class id outside [0, K) raises ExitOutputError naming
+    ``plugin`` (by default the strategy's class).
     """
+    from eebench.stepping import run_all_exits
+
     name = plugin or f"exit strategy {type(strategy).__name__}"
     context = getattr(strategy, "context", None)
     num_classes = getattr(context, "num_classes", None)
-    variants = len(strategy.variant_names())
-    cached = strategy.precomputed_trace(dataset)
-    if cached is not None:
-        traces = cached if isinstance(cached, list) else [cached]
-        if len(traces) != variants:
-            raise ExitOutputError(f"{name}: {description}: precomputed_trace returned {len(traces)} traces for "
-                                  f"{variants} variants; expected one per variant_names() entry")
-        for trace in traces:
-            problem = trace_problem(trace, samples=len(dataset), num_classes=num_classes)
-            if problem:
-                raise ExitOutputError(f"{name}: {description}: precomputed_trace {problem}")
-        return traces
+    variants = len(strategy.report().variants)
     strategy.eval()
-    batches = strategy.cached_outputs(dataset)
-    source = "exit_outputs" if batches is None else "cached_outputs"
-    if batches is None:  # the usual case: one batched pass over the images
-        batches = ((strategy.exit_outputs(x), y)
-                   for x, y in iterate_batches(dataset, batch_size, device=device, description=description))
-    preds, scores, labels = [], [], []
-    for index, (out, y) in enumerate(batches):
-        problem = output_problem(out, variants=variants, batch=int(y.shape[0]), num_classes=num_classes)
+    source = "split_traces"
+    traces = strategy.split_traces(dataset) if calibration else None
+    if traces is None:
+        source = "build_traces"
+        preds, scores, labels, details = [], [], [], []
+        for index, (x, y) in enumerate(iterate_batches(dataset, batch_size, device=device,
+                                                       description=description)):
+            try:
+                out, detail = run_all_exits(strategy, x)
+            except ExitOutputError as exc:
+                raise ExitOutputError(f"{name}: {description}, batch {index}: {exc}") from exc
+            problem = output_problem(out, variants=variants, batch=int(y.shape[0]), num_classes=num_classes)
+            if problem:
+                raise ExitOutputError(f"{name}: {description}, batch {index}: exit_step outputs {problem}")
+            preds.append(out.preds.cpu())
+            scores.append(out.scores.cpu())
+            labels.append(y.cpu())
+            details.append([None if d is None else d.cpu() for d in detail])
+        all_preds, all_scores = torch.cat(preds, dim=-1).long(), torch.cat(scores, dim=-1)
+        if all_preds.ndim == 2:
+            all_preds, all_scores = all_preds[None], all_scores[None]
+        per_exit = [None if column[0] is None else torch.cat(list(column)) for column in zip(*details, strict=True)]
+        traces = strategy.build_traces(all_preds, all_scores, torch.cat(labels).long(), per_exit)
+    if not isinstance(traces, list) or len(traces) != variants:
+        count = len(traces) if isinstance(traces, list) else type(traces).__name__
+        raise ExitOutputError(f"{name}: {description}: {source} returned {count} traces for {variants} variants; "
+                              "expected a list with one per MethodReport.variants entry")
+    for trace in traces:
+        problem = trace_problem(trace, samples=len(dataset), num_classes=num_classes)
         if problem:
-            raise ExitOutputError(f"{name}: {description}, batch {index}: {source} {problem}")
-        preds.append(out.preds.cpu())
-        scores.append(out.scores.double().cpu())
-        labels.append(y.cpu())
-    all_preds, all_scores = torch.cat(preds, dim=-1).long(), torch.cat(scores, dim=-1)
-    if all_preds.ndim == 2:
-        all_preds, all_scores = all_preds[None], all_scores[None]
-    targets = torch.cat(labels).long()
-    return [
-        ExitTrace(preds=p, scores=s, labels=targets, strict=strategy.strict, chained=strategy.chained)
-        for p, s in zip(all_preds, all_scores, strict=True)
-    ]
+            raise ExitOutputError(f"{name}: {description}: {source} {problem}")
+    return traces
 
 
 def compute_trace(strategy: ExitStrategy, dataset: Dataset, *, batch_size: int, device: torch.device | str,

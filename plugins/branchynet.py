@@ -50,21 +50,25 @@ from eebench import hookimpl
 from eebench.api import (
     Budget,
     ExitCosts,
-    ExitOutputs,
+    ExitState,
     ExitStrategy,
     MethodContext,
+    MethodReport,
     Params,
     StagedBackbone,
+    StepOutput,
     count_macs,
     entropy_macs,
+    exit_costs_at,
+    seeded_modules,
     softmax_macs,
+    stage_taps,
 )
 from eebench_plugins.joint_training import (
     MethodConfigError,
     check_positive,
     check_schedule,
     reset_to_fresh,
-    stage_outputs_at,
     train_jointly,
 )
 
@@ -206,12 +210,9 @@ class BranchyNet(ExitStrategy):
         self.from_scratch, self.count_softmax = bool(from_scratch), bool(count_softmax)
         self.branch_stages = place_branches(backbone, context, float(second_at))
         shapes = context.stage_costs.stage_shapes
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(context.seed)
-            branches = nn.ModuleList(Branch(shapes[s], context.num_classes, branch_channels)
-                                     for s in self.branch_stages)
-        self._branch_macs = [b.macs() for b in branches]
-        self.branches = branches.to(context.device)
+        self.branches = seeded_modules(context.seed, context.device, lambda: nn.ModuleList(
+            Branch(shapes[s], context.num_classes, branch_channels) for s in self.branch_stages))
+        self._branch_macs = [b.macs() for b in self.branches]
         label = weights if isinstance(weights, str) else "custom"
         w = ", ".join(f"{v:.3g}" for v in self.loss_weights)
         self.notes = (
@@ -232,13 +233,13 @@ class BranchyNet(ExitStrategy):
         extra = softmax_macs(k) + entropy_macs(k) if self.count_softmax else 0.0
         return [m + extra for m in self._branch_macs]
 
-    def exit_names(self) -> list[str]:
-        return ["branch@stem", f"branch@block{self.branch_stages[1]}", "final"]
+    def exit_taps(self) -> list[int]:
+        return list(self.branch_stages)
 
     def logits(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Both branches' logits and the final head's, from one pass."""
-        features, final = stage_outputs_at(self.backbone, x, self.branch_stages)
-        return [branch(f) for branch, f in zip(self.branches, features, strict=True)] + [final]
+        """Both branches' logits and the final head's, from one pass (the training loop's view)."""
+        features, last = stage_taps(self.backbone, x, self.branch_stages)
+        return [branch(f) for branch, f in zip(self.branches, features, strict=True)] + [self.backbone.head(last)]
 
     def loss(self, logits: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
         """Σ_n w_n · CE(exit_n)."""
@@ -253,24 +254,24 @@ class BranchyNet(ExitStrategy):
                       self.context, lr=self.lr, weight_decay=self.weight_decay, per_sample_macs=per_sample,
                       description="branchynet", schedule=self.schedule, key="lr")
 
-    def native_thresholds(self, thresholds: torch.Tensor) -> dict[str, Any]:
+    def entropy_units(self, thresholds: torch.Tensor) -> dict[str, Any]:
         """Calibrated score thresholds as the paper's entropy thresholds T_n ∈ [0, ln K] (exit when H < T_n)."""
         values = entropy_thresholds(thresholds, self.context.num_classes)
         return {"name": "entropy T_n (nats; exit when H < T_n; 0 = branch off)", "values": values.tolist()}
 
     @torch.no_grad()
-    def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:
-        logits = self.logits(x)
-        preds = torch.stack([z.argmax(1) for z in logits])
-        scores = torch.stack([-entropy(z) for z in logits])
-        return ExitOutputs(preds, scores)
+    def exit_step(self, j: int, features: torch.Tensor, state: ExitState) -> StepOutput:
+        """Branch ``j`` (or the backbone's head) on its stage's output: argmax class, score −entropy."""
+        head = self.branches[j] if j < len(self.branches) else self.backbone.head
+        logits = head(features)
+        return StepOutput(logits.argmax(1), -entropy(logits))
 
     def exit_costs(self) -> ExitCosts:
-        costs = self.context.stage_costs
-        backbone = [costs.through(s) for s in self.branch_stages] + [costs.total]
-        overhead = [*self.branch_macs(), 0.0]
-        return ExitCosts(torch.tensor(backbone, dtype=torch.float64), torch.tensor(overhead, dtype=torch.float64),
-                         costs.total)
+        return exit_costs_at(self.context.stage_costs, self.branch_stages, self.branch_macs())
+
+    def report(self) -> MethodReport:
+        names = ["branch@stem", f"branch@block{self.branch_stages[1]}", "final"]
+        return MethodReport(exit_names=names, notes=self.notes, native_thresholds=self.entropy_units)
 
 
 @hookimpl

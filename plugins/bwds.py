@@ -5,12 +5,13 @@ trained backwards as weighted binary classification (WBC).
 No public code exists (spec §4), so everything below is the spec's §4.1 **[proposal]**
 consistent with the paper's formulation, not a reproduction of reference code.
 
-Exits. The exit classifiers are SDN's internal classifiers at SDN's positions
-(``place_ics``: first exit points at 15..90 % of the backbone's MACs), trained IC-only on
+Exits. The exit classifiers are SDN's internal classifiers at SDN's positions, held in an
+``ICBank`` as SDN holds its own (``place_ics``: first exit points at 15..90 % of the
+backbone's MACs), trained IC-only on
 the frozen backbone through the shared cached activations with SDN's optimiser (Adam,
 ``lr``, ``weight_decay``, CE). By default (``schedule: per-exit``) IC j is trained in the
 phase of its own decision function (see Budget); ``schedule: ics-first`` trains all ICs
-first, exactly as ``sdn`` does (``SDN._train_ics``: summed CE). The backbone's own head is
+first, exactly as ``sdn`` does (``ICBank.train``: summed CE). The backbone's own head is
 the final exit.
 
 Decision functions. One policy γ_j per IC exit j: a logistic regression on the K+2 values
@@ -38,9 +39,11 @@ is used.
 
 λ sweep. ``lambdas`` (default 25 values log-spaced in [1e-4, 10], as a fraction of the full
 cost) are trained TOGETHER: each exit holds a weight tensor [Λ, K+2] and a bias [Λ], and
-one batch trains all Λ policies of that exit. Each λ is one rule variant: ``exit_outputs``
-returns [Λ, E, B] with score = the policy's exit probability at IC exits and the head's max
-softmax at the final exit (it always exits), ``strict = True``. The default calibrator
+one batch trains all Λ policies of that exit. Each λ is one rule variant: ``exit_step``
+returns [Λ, B] at an IC exit with score = the policy's exit probability, and the head's max
+softmax at the final exit ([B], shared by every λ; it always exits), ``strict = True``.
+The calibration trace (the training split) is scored from the shared cached activations
+(``split_traces``); the test trace runs the images. The default calibrator
 (per-exit bisection) then shifts the per-exit decision thresholds away from 0.5 for each
 variant and the harness keeps one hull over all variants on the calibration split: the
 spec's "λ sweep plus decision-threshold shifts".
@@ -55,7 +58,7 @@ earlier phases and stay fixed, so the backward recursion is exact; the ICs ride 
 extra sample cost (each budgeted sample is spent once). Under ``epochs: 6`` with 6 ICs that
 is one epoch per decision function, the paper's 6 separate epochs (no deviation), with each
 IC getting that one epoch too (SDN's ICs get six). ``schedule: ics-first``: J+1 phases, all ICs first
-(``SDN._train_ics``), then policy J-1, ..., policy 0 with the ICs frozen (6/7 epoch each
+(``ICBank.train``), then policy J-1, ..., policy 0 with the ICs frozen (6/7 epoch each
 under ``epochs: 6``). With a planned budget (``budget.planned_samples``: epochs, samples)
 each phase gets an equal share of it (the first ``planned % phases`` phases one sample
 more); a batch crossing a phase boundary is split, so the shares are exact. An IC's lr drops
@@ -100,19 +103,32 @@ from eebench.api import (
     Budget,
     EebenchError,
     ExitCosts,
-    ExitOutputs,
+    ExitState,
+    ExitStrategy,
+    ExitTrace,
     MethodContext,
+    MethodReport,
     Spend,
     StagedBackbone,
+    StepOutput,
     check_finite_loss,
     count_macs,
     elementwise_macs,
     entropy_macs,
+    exit_costs_at,
     softmax_macs,
     sort_macs,
 )
-from eebench_plugins.internal_classifiers import ic_reducer
-from eebench_plugins.sdn import REDUCER_KEY, SDN, SDN_FRACTIONS, ICParams, drop_lr, index_dataset, lr_drop_at
+from eebench_plugins.internal_classifiers import (
+    REDUCER_KEY,
+    SDN_FRACTIONS,
+    ICBank,
+    ICParams,
+    drop_lr,
+    ic_reducer,
+    index_dataset,
+    lr_drop_at,
+)
 
 DEFAULT_LAMBDAS = tuple(float(v) for v in torch.logspace(-4, 1, 25, dtype=torch.float64))
 SCHEDULES = ("per-exit", "ics-first")
@@ -239,8 +255,8 @@ class PhasedBatches:
 
 
 class _PhaseBudget:
-    """The budget as ``SDN._train_ics`` sees it during the ics-first IC phase: that phase's batches
-    (charged at the rate ``_train_ics`` asks for), its share as the plan (for the lr drop), the
+    """The budget as ``ICBank.train`` sees it during the ics-first IC phase: that phase's batches
+    (charged at the rate ``ICBank.train`` asks for), its share as the plan (for the lr drop), the
     real budget's spend and clock."""
 
     def __init__(self, budget: Budget, phases: PhasedBatches, share: int, planned: int | None) -> None:
@@ -259,8 +275,9 @@ class _PhaseBudget:
         return self._phases.take(self._share, "ics", macs_per_sample)
 
 
-class BWDS(SDN):
-    """SDN ICs + backward-trained WBC decision functions, one rule variant per λ (module doc)."""
+class BWDS(ExitStrategy):
+    """SDN ICs (an ``ICBank``) + backward-trained WBC decision functions, one rule variant per λ
+    (module doc)."""
 
     Params = BWDSParams
 
@@ -290,7 +307,8 @@ class BWDS(SDN):
         policy_lr: float = 1e-2,
         schedule: str = "per-exit",
     ) -> None:
-        super().__init__(backbone, context, fractions, lr, weight_decay, "final", False)
+        super().__init__(backbone, context)
+        self.bank = ICBank(backbone, context, fractions, lr, weight_decay, owner=type(self).__name__)
         values = [float(v) for v in lambdas]
         if not values or any(not (math.isfinite(v) and v > 0) for v in values):
             raise EebenchError(f"lambdas must be a non-empty list of positive numbers, got {list(lambdas)}",
@@ -303,52 +321,63 @@ class BWDS(SDN):
         self.schedule = schedule
         self.lambdas = torch.tensor(values, dtype=torch.float64)
         self.policy_lr = float(policy_lr)
-        self.policies = DecisionFunctions(len(self.ic_stages), len(values), context.num_classes).to(context.device)
+        self.policies = DecisionFunctions(len(self.bank.stages), len(values), context.num_classes).to(context.device)
         self.phase_log: list[tuple[str, int]] = []  # (phase name, samples it received), in order
+
+    @property
+    def ic_stages(self) -> list[int]:
+        return self.bank.stages
+
+    @property
+    def ics(self) -> nn.ModuleList:
+        return self.bank.ics
 
     # -- the contract -------------------------------------------------------------------
 
     def modules(self) -> list[nn.Module]:
-        return [self.backbone, self.ics, self.policies]
+        return [self.backbone, self.bank.ics, self.policies]
 
-    def variant_names(self) -> list[str]:
-        return [f"λ={v:.3g}" for v in self.lambdas.tolist()]
+    def report(self) -> MethodReport:
+        return MethodReport(exit_names=self.bank.exit_names(), variants=[f"λ={v:.3g}" for v in self.lambdas.tolist()],
+                            notes=self.notes)
 
     def exit_costs(self) -> ExitCosts:
-        costs = super().exit_costs()
-        policy = [policy_macs(self.context.num_classes)] * len(self.ic_stages) + [0.0]
-        return ExitCosts(costs.backbone_macs, costs.overhead_macs + torch.tensor(policy, dtype=torch.float64),
-                         costs.reference_macs)
+        policy = policy_macs(self.context.num_classes)
+        return exit_costs_at(self.context.stage_costs, self.bank.stages, [ic + policy for ic in self.bank.macs()])
 
-    @torch.no_grad()
-    def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:
-        ic_logits = [ic(out) for ic, out in self._walk(x)]
-        return self.outputs_from_logits(ic_logits, self.backbone.head(self._last))
+    def exit_taps(self) -> list[int]:
+        return list(self.bank.stages)
 
-    def outputs_from_logits(self, ic_logits: list[torch.Tensor], head_logits: torch.Tensor,
-                            extras: list[torch.Tensor] | None = None) -> ExitOutputs:
-        """[Λ, E, B]: each λ's policy probability at the IC exits, the head's max softmax at the end."""
-        variants = len(self.lambdas)
-        preds, scores = [], []
-        for j, logits in enumerate(ic_logits):
-            preds.append(logits.argmax(1)[None].expand(variants, -1))
-            scores.append(self.policies.probability(j, policy_inputs(logits)))
-        head = torch.softmax(head_logits.double(), dim=1).max(1)
-        preds.append(head.indices[None].expand(variants, -1))
-        scores.append(head.values[None].expand(variants, -1))
-        return ExitOutputs(torch.stack(preds, dim=1), torch.stack(scores, dim=1))
+    def exit_step(self, j: int, features: torch.Tensor, state: ExitState) -> StepOutput:
+        head = j == len(self.bank.stages)
+        logits = self.backbone.head(features) if head else self.bank.ics[j](features)
+        return self.step_from_logits(j, logits, state)
+
+    def step_from_logits(self, j: int, logits: torch.Tensor, state: ExitState,
+                         extra: torch.Tensor | None = None) -> StepOutput:
+        """[Λ, B] at an IC exit: the IC's class and each λ's policy probability; [B] at the final
+        exit: the head's class and max softmax (shared by every λ). Live and cached inputs alike."""
+        if j == len(self.bank.stages):
+            head = torch.softmax(logits.double(), dim=1).max(1)
+            return StepOutput(head.indices, head.values)
+        preds = logits.argmax(1)[None].expand(len(self.lambdas), -1)
+        return StepOutput(preds, self.policies.probability(j, policy_inputs(logits)))
+
+    def split_traces(self, dataset: Dataset) -> list[ExitTrace] | None:
+        """The calibration split from the shared activations the ICs trained on (``ICBank.split_traces``)."""
+        return self.bank.split_traces(self, dataset, self.step_from_logits)
 
     # -- training -----------------------------------------------------------------------
 
     def fit(self, train: Dataset, budget: Budget) -> None:
-        if not self.ic_stages:
+        if not self.bank.stages:
             return  # the backbone's head is the only exit: nothing to decide
         ctx = self.context
         self.backbone.eval()
         activations = self.shared_activations(train, ic_reducer, REDUCER_KEY, budget)
-        features = [activations.features[s] for s in self.ic_stages]
+        features = self.bank.training_features(activations)
         labels, head_logits = activations.labels, activations.logits
-        exits = len(self.ic_stages)
+        exits = len(self.bank.stages)
         per_exit = self.schedule == "per-exit"
         planned = budget.planned_samples is not None
         shares = phase_shares(budget.planned_samples, len(labels), exits if per_exit else exits + 1)
@@ -358,7 +387,7 @@ class BWDS(SDN):
         try:
             if not per_exit:  # ics-first: every IC first, as SDN, then the policies with the ICs frozen
                 ic_share, shares = shares[0], shares[1:]
-                self._train_ics(features, labels,
+                self.bank.train(features, labels,
                                 _PhaseBudget(budget, stream, ic_share, ic_share if planned else None))
             for j in range(exits - 1, -1, -1):  # backwards: the last IC's policy first
                 share = shares[exits - 1 - j]
@@ -368,11 +397,11 @@ class BWDS(SDN):
                                    train_ic=per_exit, ic_share=share if planned else None)
         finally:
             stream.close()
-        self.ics.eval()
+        self.bank.ics.eval()
 
     def _policy_phase_rate(self, j: int, train_ic: bool) -> float:
         """Training MACs per sample of policy phase j, the IC's 3 × MACs too when it rides along."""
-        return self._policy_phase_macs(j) + (3.0 * self.ic_macs()[j] if train_ic else 0.0)
+        return self._policy_phase_macs(j) + (3.0 * self.bank.macs()[j] if train_ic else 0.0)
 
     def _train_policy(self, j: int, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
                       features: list[torch.Tensor], head_logits: torch.Tensor, labels: torch.Tensor,
@@ -385,15 +414,15 @@ class BWDS(SDN):
         ``budget``, which charges the phase's training MACs as it hands them out.
         """
         ctx = self.context
-        self.ics.eval()
+        self.bank.ics.eval()
         policy = self.policies
         optimizer = torch.optim.Adam([policy.weight[j], policy.bias[j]], lr=self.policy_lr)
         costs = self.exit_costs().normalised()
         lambdas = self.lambdas.to(ctx.device)
-        ic = self.ics[j]
+        ic = self.bank.ics[j]
         ic_optimizer, drop_at, seen, policy_seen = None, lr_drop_at(ic_share, len(labels)), 0, 0
         if train_ic:  # the IC rides along: one CE step per batch, 3 × its MACs per sample (as SDN)
-            ic_optimizer = torch.optim.Adam(ic.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            ic_optimizer = torch.optim.Adam(ic.parameters(), lr=self.bank.lr, weight_decay=self.bank.weight_decay)
         for x, y in batches:
             rows = x.view(-1).long()
             if ic_optimizer is not None:
@@ -407,7 +436,7 @@ class BWDS(SDN):
                 ic.eval()
                 seen += int(rows.numel())
                 if drop_at is not None and seen >= drop_at:
-                    drop_lr(ic_optimizer, self.lr)
+                    drop_lr(ic_optimizer, self.bank.lr)
                     drop_at = None
             inputs, losses = self.decision_inputs(rows, features, head_logits, labels, start=j)
             with torch.no_grad():
@@ -437,8 +466,8 @@ class BWDS(SDN):
         device = self.context.device
         target = labels[rows].to(device)
         inputs, losses = [], []
-        for j in range(start, len(self.ic_stages)):
-            logits = self.ics[j].forward_pooled(features[j][rows].to(device).float())
+        for j in range(start, len(self.bank.stages)):
+            logits = self.bank.ics[j].forward_pooled(features[j][rows].to(device).float())
             inputs.append(policy_inputs(logits))
             losses.append(logits.argmax(1) != target)
         losses.append(head_logits[rows].to(device).argmax(1) != target)
@@ -453,9 +482,9 @@ class BWDS(SDN):
 
     def _policy_phase_macs(self, j: int) -> float:
         """Training MACs per sample of policy phase j (see the module docstring)."""
-        k, variants, exits = self.context.num_classes, len(self.lambdas), len(self.ic_stages)
+        k, variants, exits = self.context.num_classes, len(self.lambdas), len(self.bank.stages)
         features = policy_macs(k) - (k + 2)
-        ics = math.fsum(ic.macs() + features for ic in list(self.ics)[j:])
+        ics = math.fsum(ic.macs() + features for ic in list(self.bank.ics)[j:])
         return ics + variants * (k + 2) * (exits - 1 - j) + 3.0 * variants * (k + 2)
 
 

@@ -18,7 +18,11 @@ keeps the top class alone, so every sample leaves at that exit with it. If none 
 the final classifier decides among the alive classes (excluded logits masked with −inf,
 identically in search and test — the reference masks with 0 in search and not at all in
 test). Everything is vectorised over samples and β vectors with recovery per row (the
-reference's batched search broadcasts the recovery over all rows).
+reference's batched search broadcasts the recovery over all rows). One exit's update
+(``exclusion_step``) serves both the trace (``ClassExclusionTrace``, built by
+``build_traces`` from the heads' sigmoids and the final logits that ``exit_step`` hands
+over as ``detail``) and the executor (``decide``, with the alive sets kept in the
+per-sample state), so the two cannot disagree.
 
 β search (the reference ``_large_n_search``): on the calibration split, goal = accuracy
 without exclusion − ``tolerance``; exits are visited in descending MACs of the segment
@@ -59,15 +63,19 @@ from eebench.api import (
     Calibrator,
     EebenchError,
     ExitCosts,
-    ExitOutputs,
+    ExitState,
     ExitStrategy,
     ExitTrace,
     MethodContext,
+    MethodReport,
     Params,
     StagedBackbone,
+    StepOutput,
     check_finite_loss,
     count_macs,
-    iterate_batches,
+    exit_costs_at,
+    seeded_modules,
+    stage_taps,
 )
 
 MAX_BETA = 0.99  # the β search's highest level and upper clamp
@@ -140,6 +148,25 @@ class ExclusionHead(nn.Module):
         return self._macs
 
 
+def exclusion_step(scores: torch.Tensor, alive: torch.Tensor,
+                   betas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One exclusion exit for a batch of samples: the rule the trace and the executor share.
+
+    scores: [..., K] sigmoids of the exit's head; alive: [..., K] alive sets before it; betas: [...]
+    (broadcast against scores' leading dimensions; +inf or <= 0 = exit off: nothing changes, nobody
+    leaves). The top class is made alive again, then only classes with s > β·max(s) (and the top
+    class) stay alive. Returns (alive after, [...] leaving: one class left, [...] that class).
+    """
+    on = torch.isfinite(betas) & (betas > 0)
+    top_value, top = scores.max(-1, keepdim=True)
+    keep = scores > betas.clamp(max=1.0)[..., None] * top_value
+    top = top.expand(*keep.shape[:-1], 1)
+    keep = keep.scatter(-1, top, True)  # the top class survives even at β = 1: never an empty set
+    updated = alive.expand_as(keep).scatter(-1, top, True) & keep  # recovery: each sample's own top class
+    alive = torch.where(on[..., None], updated, alive)
+    return alive, on & (alive.sum(-1) == 1), alive.int().argmax(-1)
+
+
 def exclusion_outcome(scores: torch.Tensor, final_logits: torch.Tensor, betas: torch.Tensor,
                       with_alive: bool = False) -> tuple[torch.Tensor, ...]:
     """First exit and prediction of every sample under each β vector.
@@ -155,24 +182,15 @@ def exclusion_outcome(scores: torch.Tensor, final_logits: torch.Tensor, betas: t
     first = torch.full((vectors, num_samples), num_heads, dtype=torch.long)
     pred = torch.zeros(vectors, num_samples, dtype=torch.long)
     active = torch.ones(vectors, num_samples, dtype=torch.bool)  # not left yet
-    rows = torch.arange(num_samples)
     for i in range(num_heads):
         beta = betas[:, i]
-        on = torch.isfinite(beta) & (beta > 0)
-        if not bool(on.any()):
+        if not bool((torch.isfinite(beta) & (beta > 0)).any()):
             continue
-        s = scores[i]  # [N, K]
-        top_value, top = s.max(1)
-        recovered = alive.clone()
-        recovered[:, rows, top] = True  # per row: each sample's own top class
-        keep = s[None] > beta.clamp(max=1.0)[:, None, None] * top_value[None, :, None]
-        keep[:, rows, top] = True  # the top class survives even at β = 1: never an empty set
-        updated = recovered & keep
-        apply = (active & on[:, None])[:, :, None]
-        alive = torch.where(apply, updated, alive)
-        leaving = active & on[:, None] & (alive.sum(2) == 1)
+        updated, leaves, single = exclusion_step(scores[i], alive, beta[:, None])
+        alive = torch.where(active[:, :, None], updated, alive)
+        leaving = active & leaves
         first[leaving] = i
-        pred = torch.where(leaving, alive.int().argmax(2), pred)
+        pred = torch.where(leaving, single, pred)
         active &= ~leaving
     masked = final_logits[None].masked_fill(~alive, float("-inf"))
     pred = torch.where(active, masked.argmax(2), pred)
@@ -194,9 +212,16 @@ class ClassExclusionTrace(ExitTrace):
         return self.outcome(thresholds)[0]
 
     def outcome(self, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        betas = torch.as_tensor(thresholds, dtype=torch.float64)
-        first, pred = exclusion_outcome(self.exclusion_scores, self.final_logits, betas.reshape(-1, betas.shape[-1]))
+        first, pred = self._exits(thresholds)
         return first, pred == self.labels[None]
+
+    def predictions(self, thresholds: torch.Tensor) -> torch.Tensor:
+        """The class each sample leaves with: the one alive class, or the masked argmax at the end."""
+        return self._exits(thresholds)[1]
+
+    def _exits(self, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        betas = torch.as_tensor(thresholds, dtype=torch.float64)
+        return exclusion_outcome(self.exclusion_scores, self.final_logits, betas.reshape(-1, betas.shape[-1]))
 
 
 class ClassExclusion(ExitStrategy):
@@ -242,27 +267,18 @@ class ClassExclusion(ExitStrategy):
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
         self.from_scratch = bool(from_scratch)
         shapes = context.stage_costs.stage_shapes
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(context.seed)
-            self.heads = nn.ModuleList(ExclusionHead(shapes[s], k, expansion) for s in stages).to(context.device)
+        self.heads = seeded_modules(context.seed, context.device,
+                                    lambda: nn.ModuleList(ExclusionHead(shapes[s], k, expansion) for s in stages))
         n = len(stages)
         self.loss_weights = [1.0 / (n - i + 1) for i in range(n)]
 
     def modules(self) -> list[nn.Module]:
         return [self.backbone, self.heads]
 
-    def exit_names(self) -> list[str]:
-        return [f"excl@block{s}" for s in self.exit_stages] + ["final"]
-
     def _forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Every head's logits and the final logits, from one pass."""
-        heads, out = [], x
-        lookup = dict(zip(self.exit_stages, self.heads, strict=True))
-        for index, stage in enumerate(self.backbone.stages):
-            out = stage(out)
-            if index in lookup:
-                heads.append(lookup[index](out))
-        return heads, self.backbone.head(out)
+        """Every head's logits and the final logits, from one pass (the training loop's forward)."""
+        taps, out = stage_taps(self.backbone, x, self.exit_stages)
+        return [head(tap) for head, tap in zip(self.heads, taps, strict=True)], self.backbone.head(out)
 
     def loss(self, head_logits: list[torch.Tensor], final_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """CE on the final output plus the weighted, pos-weighted BCE of every exclusion head."""
@@ -301,38 +317,47 @@ class ClassExclusion(ExitStrategy):
             seen += int(y.shape[0])
         self.eval()
 
-    @torch.no_grad()
-    def _scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        head_logits, final_logits = self._forward(x)
-        return torch.sigmoid(torch.stack(head_logits).double()), final_logits.double()
+    def exit_taps(self) -> list[int]:
+        return list(self.exit_stages)
 
     @torch.no_grad()
-    def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:
-        """Top class and top sigmoid per head (for inspection; decisions use the trace's rule)."""
-        scores, final_logits = self._scores(x)
-        top = scores.max(2)
-        final = torch.softmax(final_logits, 1).max(1)
-        return ExitOutputs(torch.cat([top.indices, final.indices[None]]), torch.cat([top.values, final.values[None]]))
+    def exit_step(self, j: int, features: torch.Tensor, state: ExitState) -> StepOutput:
+        """Exclusion head j: its top class and top sigmoid (for inspection), with every class's sigmoid as
+        ``detail`` (what the rule reads); the final exit: the softmax's top class, the logits as ``detail``."""
+        if j < len(self.heads):
+            sigmoids = torch.sigmoid(self.heads[j](features).double())
+            top = sigmoids.max(1)
+            return StepOutput(top.indices, top.values, sigmoids)
+        logits = self.backbone.head(features).double()
+        final = torch.softmax(logits, 1).max(1)
+        return StepOutput(final.indices, final.values, logits)
 
-    @torch.no_grad()
-    def precomputed_trace(self, dataset: Dataset) -> ClassExclusionTrace:
-        """The class-exclusion rule needs every head's full score vector: one pass keeps them."""
-        self.eval()
-        scores, logits, labels = [], [], []
-        for x, y in iterate_batches(dataset, self.context.batch_size, device=self.context.device,
-                                    description="class exclusion trace"):
-            s, f = self._scores(x)
-            scores.append(s.cpu())
-            logits.append(f.cpu())
-            labels.append(y.cpu())
-        return ClassExclusionTrace(torch.cat(scores, 1), torch.cat(logits), torch.cat(labels).long())
+    def init_state(self, x: torch.Tensor) -> ExitState:
+        """Every class alive for every sample."""
+        return {"alive": torch.ones(x.shape[0], self.context.num_classes, dtype=torch.bool, device=x.device)}
+
+    def decide(self, j: int, out: StepOutput, thresholds: torch.Tensor, state: ExitState) -> tuple[torch.Tensor,
+                                                                                                    torch.Tensor]:
+        """``exclusion_outcome``'s rule one exit at a time, ``thresholds`` the rows' β (+inf or <= 0: exit off)."""
+        if out.detail is None:
+            raise ValueError("class exclusion decides from exit_step's detail; got none")
+        if j == len(self.heads):  # the final classifier among the classes still alive
+            pred = out.detail.masked_fill(~state["alive"], float("-inf")).argmax(1)
+            return torch.ones_like(pred, dtype=torch.bool), pred
+        alive, leaving, pred = exclusion_step(out.detail, state["alive"], thresholds.to(out.detail.device))
+        state["alive"] = alive
+        return leaving, pred
+
+    def build_traces(self, preds: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+                     details: list[torch.Tensor | None]) -> list[ExitTrace]:
+        """One ``ClassExclusionTrace`` from every head's sigmoids and the final logits."""
+        return [ClassExclusionTrace(torch.stack(details[:-1]), details[-1], labels)]
+
+    def report(self) -> MethodReport:
+        return MethodReport(exit_names=[f"excl@block{s}" for s in self.exit_stages] + ["final"], notes=self.notes)
 
     def exit_costs(self) -> ExitCosts:
-        costs = self.context.stage_costs
-        backbone = [costs.through(s) for s in self.exit_stages] + [costs.total]
-        overhead = [h.macs() for h in self.heads] + [0.0]
-        return ExitCosts(torch.tensor(backbone, dtype=torch.float64), torch.tensor(overhead, dtype=torch.float64),
-                         costs.total)
+        return exit_costs_at(self.context.stage_costs, self.exit_stages, [h.macs() for h in self.heads])
 
 
 def search_betas(trace: ClassExclusionTrace, order: Sequence[int], tolerance: float,

@@ -17,7 +17,9 @@ clock the class-mean batches stop early enough to leave the divisor pass the tim
 (``followup_passes=1``), and a divisor pass the clock still cuts short gives divisors from
 the samples it reached.
 At inference exit j predicts argmin of the normalised distances and exits when the max of
-softmax(-distances) is strictly greater than T_j. Exits sit after every residual block; the
+softmax(-distances) is strictly greater than T_j. The divisor pass's distances and head
+logits over the whole training split also give its calibration trace (``split_traces``),
+so calibrating on the training split costs no third pass. Exits sit after every residual block; the
 last exit is the backbone's own classifier, so the full-cost end is the plain backbone.
 
 Deviations, all documented in the leaderboard notes:
@@ -46,12 +48,15 @@ from eebench.api import (
     Budget,
     Charge,
     ExitCosts,
-    ExitOutputs,
+    ExitState,
     ExitStrategy,
     ExitTrace,
     MethodContext,
+    MethodReport,
     Params,
     StagedBackbone,
+    StepOutput,
+    exit_costs_at,
     softmax_macs,
 )
 from eebench_plugins.class_means import (
@@ -106,17 +111,10 @@ class E2CM(ExitStrategy):
         self._statistics: tuple[Dataset, ClassMeanStatistics] | None = None  # (train split, its statistics)
 
     def modules(self) -> list[nn.Module]:
-        return [self.backbone, self.exits]
+        return [self.backbone, self.exits]  # the class sums, counts and divisors are buffers of ``exits``
 
     def _by_stage(self) -> dict[int, nn.Module]:
         return dict(zip(self.exit_stages, self.exits, strict=True))
-
-    def _exit_features(self, x: torch.Tensor):
-        by_stage = self._by_stage()
-        for index, out in self.backbone.iter_stages(x):
-            if index in by_stage:
-                yield by_stage[index], out
-        self._last = out
 
     @torch.no_grad()
     def fit(self, train: Dataset, budget: Budget) -> None:
@@ -146,7 +144,22 @@ class E2CM(ExitStrategy):
         complete = statistics.samples == size and int(statistics.labels.shape[0]) == size
         self._statistics = (train, statistics) if complete else None
 
-    def precomputed_trace(self, dataset: Dataset) -> ExitTrace | None:
+    def exit_taps(self) -> list[int]:
+        return list(self.exit_stages)
+
+    @torch.no_grad()
+    def exit_step(self, j: int, features: torch.Tensor, state: ExitState) -> StepOutput:
+        """Exit j < J: the max of softmax(−eq. 4-normalised distances) and its class; the final
+        exit: the backbone head's softmax."""
+        if j < len(self.exits):
+            exit_module = self.exits[j]
+            probs = torch.softmax(-exit_module.distances(features) / exit_module.divisors, dim=1)
+        else:
+            probs = torch.softmax(self.backbone.head(features).double(), dim=1)
+        score, pred = probs.max(1)
+        return StepOutput(pred, score)
+
+    def split_traces(self, dataset: Dataset) -> list[ExitTrace] | None:
         """The training split's trace from the divisor pass (same numbers as a fresh pass)."""
         if self._statistics is None or self._statistics[0] is not dataset:
             return None
@@ -157,34 +170,17 @@ class E2CM(ExitStrategy):
             preds.append(pred)
             scores.append(score)
         final_scores, final_preds = torch.softmax(statistics.head_logits.double(), dim=1).max(1)
-        return ExitTrace(torch.stack([*preds, final_preds]), torch.stack([*scores, final_scores]),
-                         statistics.labels, strict=self.strict)
-
-    @torch.no_grad()
-    def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:
-        preds, scores = [], []
-        for exit_module, features in self._exit_features(x):
-            probs = torch.softmax(-exit_module.distances(features) / exit_module.divisors, dim=1)
-            score, pred = probs.max(1)
-            preds.append(pred)
-            scores.append(score)
-        logits = self.backbone.head(self._last)
-        score, pred = torch.softmax(logits.double(), dim=1).max(1)
-        preds.append(pred)
-        scores.append(score)
-        return ExitOutputs(torch.stack(preds), torch.stack(scores))
+        return [ExitTrace(torch.stack([*preds, final_preds]), torch.stack([*scores, final_scores]),
+                          statistics.labels, strict=self.strict)]
 
     def exit_costs(self) -> ExitCosts:
-        stage_costs = self.context.stage_costs
         k = self.context.num_classes
         extra = softmax_macs(k) if self.count_softmax else 0.0
-        backbone = [stage_costs.through(s) for s in self.exit_stages] + [stage_costs.total]
-        overhead = [m.overhead_macs(k) + extra for m in self.exits] + [0.0]
-        return ExitCosts(torch.tensor(backbone, dtype=torch.float64),
-                         torch.tensor(overhead, dtype=torch.float64), stage_costs.total)
+        return exit_costs_at(self.context.stage_costs, self.exit_stages,
+                             [m.overhead_macs(k) + extra for m in self.exits])
 
-    def exit_names(self) -> list[str]:
-        return [f"block{s}" for s in self.exit_stages] + ["final"]
+    def report(self) -> MethodReport:
+        return MethodReport(exit_names=[f"block{s}" for s in self.exit_stages] + ["final"], notes=self.notes)
 
 
 @hookimpl

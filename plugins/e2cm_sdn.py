@@ -18,7 +18,11 @@ calibrated jointly on the calibration split: T_cm comes from a grid of ``grid`` 
 level 0 is −inf (E²CM never vetoes on confidence, whatever the sample), level g > 0 the
 g/grid quantile of the training split's E²CM confidence at that stage — and, for each
 rule and grid level, the per-exit (or shared) search sets T_ic; the harness keeps one
-hull over all of them (rule variants).
+hull over all of them (rule variants). ``exit_step`` returns [R·G, B] at an IC exit (rule ×
+grid level; a vetoed row scores −inf) and the head's [B] at the final exit. The ICs are an
+``ICBank`` (``eebench_plugins.internal_classifiers``), as SDN's and BWDS's; the calibration
+trace (the training split) is scored from the shared cached activations and the training
+distances fit computed (``split_traces``), the test trace from the images.
 
 Budget (how the class-mean pass and the IC training share it). The class means are taken
 over exactly the samples E²CM takes them over under the same budget: the first samples of
@@ -49,7 +53,7 @@ when the features are pooled); with ``count_softmax`` both softmaxes, the IC's a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -62,14 +66,19 @@ from eebench.api import (
     Charge,
     EebenchError,
     ExitCosts,
-    ExitOutputs,
+    ExitState,
+    ExitStrategy,
+    ExitTrace,
     MethodContext,
+    MethodReport,
     StagedBackbone,
+    StepOutput,
+    exit_costs_at,
     softmax_macs,
+    stage_taps,
 )
 from eebench_plugins.class_means import build_exits, compute_statistics, shared_statistics
-from eebench_plugins.internal_classifiers import ic_reducer
-from eebench_plugins.sdn import REDUCER_KEY, SDN, SDN_FRACTIONS, ICParams
+from eebench_plugins.internal_classifiers import REDUCER_KEY, SDN_FRACTIONS, ICBank, ICParams, ic_reducer
 
 AGREEMENT_RULES = ("same-class", "confidence")
 
@@ -98,8 +107,8 @@ def cm_threshold_grid(distances: Sequence[torch.Tensor], grid: int) -> torch.Ten
     return thresholds
 
 
-class E2CMSDN(SDN):
-    """SDN ICs fed with class-mean distances, exiting only when E²CM agrees."""
+class E2CMSDN(ExitStrategy):
+    """SDN ICs (an ``ICBank``) fed with class-mean distances, exiting only when E²CM agrees."""
 
     Params = E2CMSDNParams
 
@@ -127,43 +136,62 @@ class E2CMSDN(SDN):
         auto_pool_above: int | None = 16384,
         count_softmax: bool = False,
     ) -> None:
-        super().__init__(backbone, context, fractions, lr, weight_decay, "final", count_softmax)
+        super().__init__(backbone, context)
+        k = context.num_classes
+        self.bank = ICBank(backbone, context, fractions, lr, weight_decay, extra_inputs=k,
+                           count_softmax=count_softmax, owner=type(self).__name__)
         if grid < 1:
             raise ValueError("grid must be >= 1")
         unknown = sorted(set(rules) - set(AGREEMENT_RULES))
         if unknown or not rules:
             raise ValueError(f"rules must be a non-empty list of {list(AGREEMENT_RULES)}, got {list(rules)}")
         self.rules, self.grid = list(dict.fromkeys(rules)), int(grid)
-        k = context.num_classes
-        self.ics = self._build_ics(extra_inputs=k)
         self.pool_to, self.auto_pool_above = pool_to, auto_pool_above
-        built = build_exits(self.ic_stages, context.stage_costs.stage_shapes, k, pool_to, auto_pool_above,
+        built = build_exits(self.bank.stages, context.stage_costs.stage_shapes, k, pool_to, auto_pool_above,
                             context.device)
         self.means = nn.ModuleList(built.values())
-        # [grid, ICs]: E²CM's threshold at each IC for each rule variant, set by fit
-        self.cm_thresholds = torch.zeros(self.grid, len(self.ic_stages), dtype=torch.float64)
+        # [grid, ICs]: E²CM's threshold at each IC for each grid level, set by fit (saved by state_dict);
+        # on the device, so that exit_step copies nothing from the host
+        self.cm_thresholds = torch.zeros(self.grid, len(self.bank.stages), dtype=torch.float64, device=context.device)
         self.statistics_seconds = 0.0  # wall time of the two statistics passes (whoever paid for them)
         self._fit_distances: tuple[Dataset, list[torch.Tensor]] | None = None  # (train split, its distances)
 
-    def modules(self) -> list[nn.Module]:
-        return [self.backbone, self.ics, self.means]
+    @property
+    def ic_stages(self) -> list[int]:
+        return self.bank.stages
 
-    def variant_names(self) -> list[str]:
-        return [f"{rule}, T_cm = q{level:.2f}" for rule in self.rules for level in self._levels().tolist()]
+    @property
+    def ics(self) -> nn.ModuleList:
+        return self.bank.ics
+
+    def modules(self) -> list[nn.Module]:
+        return [self.backbone, self.bank.ics, self.means]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The modules' state plus the T_cm grid, which inference reads and no module holds."""
+        return {**super().state_dict(), "cm_thresholds": self.cm_thresholds.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.cm_thresholds = state["cm_thresholds"].detach().to(self.context.device, torch.float64).clone()
+
+    def report(self) -> MethodReport:
+        variants = [f"{rule}, T_cm = q{level:.2f}" for rule in self.rules for level in self._levels().tolist()]
+        return MethodReport(exit_names=self.bank.exit_names(), variants=variants, notes=self.notes)
 
     def _levels(self) -> torch.Tensor:
         return torch.arange(self.grid, dtype=torch.float64) / self.grid
 
     def fit(self, train: Dataset, budget: Budget) -> None:
-        if not self.ic_stages:
+        if not self.bank.stages:
             return
         self.backbone.eval()
         distances = self._class_mean_statistics(train, budget)  # first, on E²CM's samples (module doc)
         activations = self.shared_activations(train, ic_reducer, REDUCER_KEY, budget)
-        self.cm_thresholds = cm_threshold_grid(distances, self.grid)
+        self.cm_thresholds = cm_threshold_grid(distances, self.grid).to(self.context.device)
         self._fit_distances = (train, distances)
-        features = [activations.features[s] for s in self.ic_stages]
-        self._train_ics(features, activations.labels, budget, extras=[d.float() for d in distances])
+        self.bank.train(self.bank.training_features(activations), activations.labels, budget,
+                        extras=[d.float() for d in distances])
 
     def _class_mean_statistics(self, train: Dataset, budget: Budget) -> list[torch.Tensor]:
         """Class means and eq. 4 divisors on E²CM's samples under this budget (the run's shared ones
@@ -171,7 +199,7 @@ class E2CMSDN(SDN):
         training sample's normalised distances at each IC."""
         ctx = self.context
         size, total = len(train), ctx.stage_costs.total
-        by_stage = dict(zip(self.ic_stages, self.means, strict=True))
+        by_stage = dict(zip(self.bank.stages, self.means, strict=True))
         if budget.covers(size):
             charge = Charge(forward_samples=2 * size, macs=2 * size * total)  # class means + divisors/distances
             statistics = shared_statistics(self, train, self.pool_to, self.auto_pool_above, budget, charge)
@@ -190,71 +218,75 @@ class E2CMSDN(SDN):
                 raise EebenchError(f"the budget ({budget.describe()}) handed out no sample for the class means; "
                                    "expected a budget that allows at least one batch")
         self.statistics_seconds = statistics.seconds
-        return [statistics.normalised(s) for s in self.ic_stages]
+        return [statistics.normalised(s) for s in self.bank.stages]
 
-    @torch.no_grad()
-    def parts(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Both parties' confidence and class at every IC ([ICs, B]) plus the head's logits."""
-        ic_logits, distances = self._live_inputs(x)
-        return self._parts_from(ic_logits, distances, self.backbone.head(self._last))
+    # -- the exits ------------------------------------------------------------------------
 
-    def _live_inputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """IC logits and eq. 4-normalised class-mean distances at every IC, from the images."""
-        ic_logits, distances = [], []
-        for (ic, out), means in zip(self._walk(x), self.means, strict=True):
-            d = means.distances(out) / means.divisors
-            ic_logits.append(ic(out, d.float()))
-            distances.append(d)
-        return ic_logits, distances
+    def exit_taps(self) -> list[int]:
+        return list(self.bank.stages)
 
-    @staticmethod
-    def _parts_from(ic_logits: list[torch.Tensor], distances: list[torch.Tensor],
-                    head: torch.Tensor) -> dict[str, torch.Tensor]:
-        ic_conf, ic_pred, cm_conf, cm_pred = [], [], [], []
-        for logits, d in zip(ic_logits, distances, strict=True):
-            cm = torch.softmax(-d, dim=1).max(1)
-            ic_best = torch.softmax(logits.double(), dim=1).max(1)
-            ic_conf.append(ic_best.values)
-            ic_pred.append(ic_best.indices)
-            cm_conf.append(cm.values)
-            cm_pred.append(cm.indices)
-        return {"ic_conf": torch.stack(ic_conf), "ic_pred": torch.stack(ic_pred), "cm_conf": torch.stack(cm_conf),
-                "cm_pred": torch.stack(cm_pred), "head": head}
+    def exit_step(self, j: int, features: torch.Tensor, state: ExitState) -> StepOutput:
+        if j == len(self.bank.stages):
+            return self.step_from_logits(j, self.backbone.head(features), state)
+        distances = self._distances(j, features)
+        return self.step_from_logits(j, self.bank.ics[j](features, distances.float()), state, distances)
 
-    @torch.no_grad()
-    def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:
-        ic_logits, distances = self._live_inputs(x)
-        return self.outputs_from_logits(ic_logits, self.backbone.head(self._last), distances)
+    def _distances(self, j: int, features: torch.Tensor) -> torch.Tensor:
+        """Eq. 4-normalised distances [B, K] (float64) of IC j's live features to the class means."""
+        means = self.means[j]
+        return means.distances(features) / means.divisors
 
-    def cached_extras(self, dataset: Dataset) -> list[torch.Tensor] | None:
-        """The normalised training distances fit computed, when ``dataset`` is that training split."""
-        held = self._fit_distances
-        return held[1] if held is not None and held[0] is dataset else None
-
-    def outputs_from_logits(self, ic_logits: list[torch.Tensor], head_logits: torch.Tensor,
-                            extras: list[torch.Tensor] | None = None) -> ExitOutputs:
-        """Both parties must agree (see the class doc); ``extras`` are the normalised distances."""
-        if extras is None:
+    def step_from_logits(self, j: int, logits: torch.Tensor, state: ExitState,
+                         extra: torch.Tensor | None = None) -> StepOutput:
+        """Both parties must agree (see the class doc): [R·G, B] at IC j from its logits and ``extra``,
+        the normalised distances; the head's class and max softmax [B] at the final exit."""
+        if j == len(self.bank.stages):
+            head = torch.softmax(logits.double(), dim=1).max(1)
+            return StepOutput(head.indices, head.values)
+        if extra is None:
             raise ValueError("E²CM+SDN scores exits from IC logits and class-mean distances together")
-        p = self._parts_from(ic_logits, extras, head_logits)
-        confident = p["cm_conf"][None] > self.cm_thresholds.to(head_logits.device)[:, :, None]  # [G, ICs, B]
+        p = self._parts(logits, extra)
+        limits = self.cm_thresholds[:, j].to(logits.device)
+        confident = p["cm_conf"][None] > limits[:, None]  # [G, B]
         same = (p["cm_pred"] == p["ic_pred"])[None]
         agree = torch.cat([confident & same if rule == "same-class" else confident for rule in self.rules])
         vetoed = torch.full_like(p["ic_conf"], float("-inf"))
-        scores = torch.where(agree, p["ic_conf"][None], vetoed[None])  # [G, ICs, B]
-        head = torch.softmax(p["head"].double(), dim=1).max(1)
-        grid = scores.shape[0]
-        final_scores = head.values[None, None].expand(grid, 1, -1)
-        final_preds = head.indices[None, None].expand(grid, 1, -1)
-        preds = torch.cat([p["ic_pred"][None].expand(grid, -1, -1), final_preds], 1)
-        return ExitOutputs(preds, torch.cat([scores, final_scores], 1))
+        scores = torch.where(agree, p["ic_conf"][None], vetoed[None])  # [R·G, B]
+        return StepOutput(p["ic_pred"][None].expand(scores.shape[0], -1), scores)
+
+    @staticmethod
+    def _parts(logits: torch.Tensor, distances: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Both parties' confidence and class at one IC ([B] each)."""
+        cm = torch.softmax(-distances, dim=1).max(1)
+        ic = torch.softmax(logits.double(), dim=1).max(1)
+        return {"ic_conf": ic.values, "ic_pred": ic.indices, "cm_conf": cm.values, "cm_pred": cm.indices}
+
+    @torch.no_grad()
+    def parts(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Both parties' confidence and class at every IC ([ICs, B]) for images ``x`` (a diagnostic)."""
+        if not self.bank.stages:
+            return {}
+        taps, _ = stage_taps(self.backbone, x, self.bank.stages, through=self.bank.stages[-1])
+        per_ic = []
+        for j, features in enumerate(taps):
+            distances = self._distances(j, features)
+            per_ic.append(self._parts(self.bank.ics[j](features, distances.float()), distances))
+        return {key: torch.stack([p[key] for p in per_ic]) for key in per_ic[0]}
+
+    def split_traces(self, dataset: Dataset) -> list[ExitTrace] | None:
+        """The training split from the shared activations and the normalised distances fit computed for it
+        (``ICBank.split_traces``); None for any other split."""
+        held = self._fit_distances
+        if held is None or held[0] is not dataset:
+            return None
+        return self.bank.split_traces(self, dataset, self.step_from_logits, extras=held[1])
 
     def exit_costs(self) -> ExitCosts:
-        costs = super().exit_costs()
         k = self.context.num_classes
-        cm_softmax = softmax_macs(k) if self.count_softmax else 0.0  # the IC's is in SDN's ic_macs
-        distance = torch.tensor([m.overhead_macs(k) + cm_softmax for m in self.means] + [0.0], dtype=torch.float64)
-        return ExitCosts(costs.backbone_macs, costs.overhead_macs + distance, costs.reference_macs)
+        cm_softmax = softmax_macs(k) if self.bank.count_softmax else 0.0  # the IC's is in the bank's macs
+        overheads = [ic + (m.overhead_macs(k) + cm_softmax) for ic, m in zip(self.bank.macs(), self.means,
+                                                                               strict=True)]
+        return exit_costs_at(self.context.stage_costs, self.bank.stages, overheads)
 
 
 @hookimpl

@@ -77,21 +77,25 @@ from eebench import hookimpl
 from eebench.api import (
     Budget,
     ExitCosts,
-    ExitOutputs,
+    ExitState,
     ExitStrategy,
     MethodContext,
+    MethodReport,
     OperatingPoint,
     Params,
     StageCosts,
     StagedBackbone,
+    StepOutput,
     count_macs,
+    exit_costs_at,
+    seeded_modules,
+    stage_taps,
 )
 from eebench_plugins.joint_training import (
     MethodConfigError,
     check_positive,
     check_schedule,
     reset_to_fresh,
-    stage_outputs_at,
     train_jointly,
 )
 
@@ -240,11 +244,9 @@ class EENet(ExitStrategy):
         self.native_cost, self.from_scratch = bool(native_cost), bool(from_scratch)
         self.exit_stages = place_exits(backbone, context.stage_costs, distribution, self.num_ee)
         shapes = context.stage_costs.stage_shapes
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(context.seed)
-            exits = nn.ModuleList(ExitBlock(shapes[s], context.num_classes, exit_type) for s in self.exit_stages)
-        self._exit_macs = [e.macs() for e in exits]
-        self.exits = exits.to(context.device)
+        self.exits = seeded_modules(context.seed, context.device, lambda: nn.ModuleList(
+            ExitBlock(shapes[s], context.num_classes, exit_type) for s in self.exit_stages))
+        self._exit_macs = [e.macs() for e in self.exits]
         fractions = ", ".join(f"{100 * context.stage_costs.through(s) / context.stage_costs.total:.0f}%"
                               for s in self.exit_stages)
         self.notes = (
@@ -266,18 +268,19 @@ class EENet(ExitStrategy):
     def modules(self) -> list[nn.Module]:
         return [self.backbone, self.exits]
 
-    def exit_names(self) -> list[str]:
-        return [f"ee@block{s}" for s in self.exit_stages] + ["final"]
+    def exit_taps(self) -> list[int]:
+        return list(self.exit_stages)
 
     def outputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Logits of every exit (early exits, then the final head) and the N confidences."""
-        features, final = stage_outputs_at(self.backbone, x, self.exit_stages)
+        """Logits of every exit (early exits, then the final head) and the N confidences, from one pass
+        (the training loop's view)."""
+        features, last = stage_taps(self.backbone, x, self.exit_stages)
         logits, confidences = [], []
         for block, f in zip(self.exits, features, strict=True):
             z, h = block(f)
             logits.append(z)
             confidences.append(h)
-        return [*logits, final], confidences
+        return [*logits, self.backbone.head(last)], confidences
 
     def loss_costs(self) -> torch.Tensor:
         """c_i for the loss: the exit costs normalised to the plain backbone, all exits enabled."""
@@ -297,26 +300,28 @@ class EENet(ExitStrategy):
                       schedule=self.schedule, key="lr")
 
     @torch.no_grad()
-    def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:
-        logits, confidences = self.outputs(x)
-        preds = torch.stack([z.argmax(1) for z in logits])
-        scores = torch.stack([h.double() for h in confidences] + [torch.ones_like(confidences[0], dtype=torch.float64)])
-        return ExitOutputs(preds, scores)
+    def exit_step(self, j: int, features: torch.Tensor, state: ExitState) -> StepOutput:
+        """Exit block ``j`` on its stage's output: argmax class, score h_j; the final exit (the backbone's
+        head) scores 1, as it always exits."""
+        if j < self.num_ee:
+            logits, confidence = self.exits[j](features)
+            return StepOutput(logits.argmax(1), confidence.double())
+        logits = self.backbone.head(features)
+        return StepOutput(logits.argmax(1), torch.ones(logits.shape[0], dtype=torch.float64, device=logits.device))
 
     def exit_costs(self) -> ExitCosts:
         costs = self.context.stage_costs
-        reach = [costs.through(s) for s in self.exit_stages]
-        if self.native_cost:  # the paper's: own block only, final = 1.0
-            own = [r + m for r, m in zip(reach, self._exit_macs, strict=True)]
-            backbone = torch.tensor([*own, costs.total], dtype=torch.float64).cummax(0).values
-            overhead = torch.zeros_like(backbone)
-        else:
-            backbone = torch.tensor([*reach, costs.total], dtype=torch.float64)
-            overhead = torch.tensor([*self._exit_macs, 0.0], dtype=torch.float64)
-        return ExitCosts(backbone, overhead, costs.total)
+        if not self.native_cost:
+            return exit_costs_at(costs, self.exit_stages, self._exit_macs)
+        # the paper's: own block only, final = 1.0
+        own = [costs.through(s) + m for s, m in zip(self.exit_stages, self._exit_macs, strict=True)]
+        backbone = torch.tensor([*own, costs.total], dtype=torch.float64).cummax(0).values
+        return ExitCosts(backbone, torch.zeros_like(backbone), costs.total)
 
-    def operating_points(self) -> list[OperatingPoint]:
-        return [OperatingPoint("T = 0.5", torch.full((self.num_ee,), 0.5, dtype=torch.float64))]
+    def report(self) -> MethodReport:
+        names = [f"ee@block{s}" for s in self.exit_stages] + ["final"]
+        paper = OperatingPoint("T = 0.5", torch.full((self.num_ee,), 0.5, dtype=torch.float64))
+        return MethodReport(exit_names=names, notes=self.notes, operating_points=[paper])
 
 
 @hookimpl

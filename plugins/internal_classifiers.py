@@ -24,17 +24,53 @@ core's counter (``eebench.costs``), which gives
 - α mixing: 0 (elementwise arithmetic between tensors, free as the backbone's residual
   adds are);
 - Linear: in · K with in = C·(s/r)² + extra_inputs (bias adds free).
+
+``ICBank`` is the bank of ICs SDN, BWDS and E²CM+SDN each hold (composition, not a shared
+base class): where the ICs sit (``place_ics``), how they are built (seeded by the cell seed,
+with optional extra inputs per sample), what they cost, how they train on the shared cached
+activations (SDN's loop: Adam, summed CE, the lr drop) and the calibration-split outputs
+from those cached activations (``ICBank.split_traces``), which the three methods turn into
+exit outputs with the same per-exit function their ``exit_step`` uses.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 from torch import nn
+from torch.utils.data import Dataset
 
-from eebench.api import count_macs
+from eebench.api import (
+    Activations,
+    Budget,
+    EebenchError,
+    ExitState,
+    ExitStrategy,
+    ExitTrace,
+    MethodContext,
+    Params,
+    StagedBackbone,
+    StepOutput,
+    TensorImageDataset,
+    check_finite_loss,
+    count_macs,
+    seeded_modules,
+    softmax_macs,
+)
+
+SDN_FRACTIONS = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90)
+REDUCER_KEY = "sdn-pool"  # reduce_for_ic outputs: shared with every IC-based method
+LR_DROP_AT = 0.6  # the reference drops the lr at epoch 15 of 25
+LR_DROP_FACTOR = 0.1
+
+#: exit j's outputs from its logits (an IC's, or the backbone head's for the final exit), the
+#: running state and the IC's extra inputs: the one function a method's exit_step and its
+#: cached calibration outputs share
+LogitsStep = Callable[[int, torch.Tensor, ExitState, torch.Tensor | None], StepOutput]
 
 
 def reduction_kernel(side: int) -> int | None:
@@ -120,3 +156,189 @@ class InternalClassifier(nn.Module):
         """MACs at batch 1 as the core counts them (``count_macs`` on this IC, when it was built;
         see the module doc)."""
         return self._macs
+
+
+# -- the bank of ICs SDN, BWDS and E²CM+SDN hold ------------------------------------------------
+
+
+class ICParams(Params):
+    """The internal-classifier parameters SDN, E²CM+SDN and BWDS share."""
+
+    fractions: list[float] = Field(default_factory=lambda: list(SDN_FRACTIONS))
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0 < f <= 1 for f in value):
+            raise ValueError(f"fractions must be a non-empty list of numbers in (0, 1], got {value}")
+        return value
+
+
+def check_ic_params(fractions: Sequence[float], lr: float, weight_decay: float) -> None:
+    """The bank's own checks (for direct use; the harness checks ``ICParams`` first)."""
+    if not fractions or any(not 0 < float(f) <= 1 for f in fractions):
+        raise EebenchError(f"fractions must be a non-empty list of numbers in (0, 1], got {list(fractions)}",
+                           key="fractions")
+    if not lr > 0:
+        raise EebenchError(f"lr must be > 0, got {lr}", key="lr")
+    if not weight_decay >= 0:
+        raise EebenchError(f"weight_decay must be >= 0, got {weight_decay}", key="weight_decay")
+
+
+def index_dataset(labels: torch.Tensor) -> TensorImageDataset:
+    """Sample indices posing as 1x1 images, so the Budget hands out (and counts) cached samples."""
+    count = int(labels.shape[0])
+    return TensorImageDataset(torch.arange(count, dtype=torch.float32).view(count, 1, 1, 1), labels)
+
+
+def lr_drop_at(planned: int | None, train_size: int) -> float | None:
+    """Samples after which the lr drops: 60 % of a plan (a budget's, or a BWDS phase's share),
+    only for plans over one epoch."""
+    if planned is None or planned <= train_size:
+        return None
+    return LR_DROP_AT * planned
+
+
+def drop_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The reference's single step decay: every group to ``lr`` × 0.1."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * LR_DROP_FACTOR
+
+
+def place_ics(backbone: StagedBackbone, context: MethodContext, fractions: list[float]) -> list[int]:
+    """First exit point reaching each cost fraction, the last stage excluded.
+
+    The last stage feeds the backbone's own classifier, so an IC there would duplicate the
+    final exit; a fraction no earlier exit point reaches gets the last one before it (on
+    ResNet-56 that is the reference code's 88.9 % IC for the nominal 90 %).
+    """
+    candidates = [s for s in backbone.exit_points if s != len(backbone.stages) - 1]
+    stages = context.stage_costs.stages_at_fractions(candidates, fractions)
+    costs = context.stage_costs
+    unreached = bool(candidates) and any(costs.through(candidates[-1]) < f * costs.total for f in fractions)
+    if unreached and candidates[-1] not in stages:  # not when fractions merely share an exit point
+        stages.append(candidates[-1])
+    return stages
+
+
+def _no_state(rows: int, device: torch.device) -> ExitState:
+    return {}
+
+
+def _exits_first(parts: list[torch.Tensor]) -> torch.Tensor:
+    """[B] or [P, B] per exit -> [P, E, B] (a [B] exit is shared by every variant)."""
+    variants = max((p.shape[0] for p in parts if p.ndim == 2), default=1)
+    return torch.stack([p if p.ndim == 2 else p[None].expand(variants, -1) for p in parts], dim=1)
+
+
+class ICBank:
+    """SDN's internal classifiers on a frozen backbone, held by each IC-based method (module doc).
+
+    ``stages``: the backbone stage each IC reads (the method's exit taps); ``ics``: the ICs, one
+    ``nn.ModuleList`` the method lists in its ``modules()``; ``lr`` / ``weight_decay``: their Adam;
+    ``count_softmax``: whether an IC's cost includes its softmax; ``owner``: the method's name in
+    loss messages.
+    """
+
+    def __init__(self, backbone: StagedBackbone, context: MethodContext, fractions: Sequence[float],
+                 lr: float, weight_decay: float, *, extra_inputs: int = 0, count_softmax: bool = False,
+                 owner: str = "SDN") -> None:
+        check_ic_params(fractions, lr, weight_decay)
+        self.context = context
+        self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.count_softmax = bool(count_softmax)
+        self.owner = owner
+        self.stages = place_ics(backbone, context, list(fractions))
+        self.ics = self._build(extra_inputs)
+
+    def _build(self, extra_inputs: int) -> nn.ModuleList:
+        """ICs seeded by the cell seed (α ~ U[0,1), Linear default init) without touching the global RNG."""
+        shapes, k = self.context.stage_costs.stage_shapes, self.context.num_classes
+        return seeded_modules(self.context.seed, self.context.device, lambda: nn.ModuleList(
+            InternalClassifier(shapes[s], k, extra_inputs) for s in self.stages))
+
+    def exit_names(self) -> list[str]:
+        return [f"ic@block{s}" for s in self.stages] + ["final"]
+
+    def macs(self) -> list[float]:
+        """Each IC's MACs at batch 1, its softmax (3K) too with ``count_softmax``."""
+        extra = softmax_macs(self.context.num_classes) if self.count_softmax else 0.0
+        return [ic.macs() + extra for ic in self.ics]
+
+    def training_features(self, activations: Activations) -> list[torch.Tensor]:
+        """The cached pooled pairs each IC reads, [N, 2, ...] per IC."""
+        return [activations.features[s] for s in self.stages]
+
+    def train(self, features: list[torch.Tensor], labels: torch.Tensor, budget: Budget,
+              extras: list[torch.Tensor] | None = None) -> None:
+        """Adam on the summed IC losses, batches (of cached-sample indices) from the budget, which
+        charges 3 × Σ IC MACs per sample; the lr drops after 60 % of a plan over one epoch.
+
+        ``extras`` holds per-IC extra inputs per sample (E²CM+SDN's distances), if any.
+        """
+        ctx = self.context
+        self.ics.train()
+        optimizer = torch.optim.Adam(self.ics.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        loss_fn = nn.CrossEntropyLoss()
+        drop_at = lr_drop_at(budget.planned_samples, len(labels))
+        per_sample = 3.0 * math.fsum(self.macs())
+        seen = 0
+        for x, y in budget.batches(index_dataset(labels), ctx.train_batch_size, device="cpu", seed=ctx.seed,
+                                   description="sdn ICs", macs_per_sample=per_sample):
+            rows = x.view(-1).long()
+            target = y.to(ctx.device)
+            loss = sum(
+                loss_fn(ic.forward_pooled(f[rows].to(ctx.device).float(),
+                                          None if extras is None else extras[k][rows].to(ctx.device)), target)
+                for k, (ic, f) in enumerate(zip(self.ics, features, strict=True))
+            )
+            check_finite_loss(loss, f"{self.owner} IC loss after {seen} samples")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += int(y.shape[0])
+            if drop_at is not None and seen >= drop_at:
+                drop_lr(optimizer, self.lr)
+                drop_at = None
+        self.ics.eval()
+
+    @torch.no_grad()
+    def split_traces(self, owner: ExitStrategy, dataset: Dataset, step: LogitsStep,
+                     extras: list[torch.Tensor] | None = None,
+                     fresh_state: Callable[[int, torch.device], ExitState] = _no_state) -> list[ExitTrace] | None:
+        """``owner``'s traces of ``dataset`` from the shared cached activations (fp16 pooled pairs,
+        the head's logits), or None when none are cached for it: the ICs read the features they were
+        trained on, so the calibration split costs no second backbone pass.
+
+        ``step`` turns exit j's logits into its outputs (what ``exit_step`` does after the IC);
+        ``extras``: each IC's extra inputs for every sample of ``dataset``; ``fresh_state(rows,
+        device)``: the state ``init_state`` gives a batch of that many rows.
+        """
+        activations = owner.cached_activations(dataset, REDUCER_KEY)
+        if activations is None or not self.stages:
+            return None
+        preds, scores, labels = [], [], []
+        for logits, batch_extras, y in self._cached_logits(activations, extras):
+            state = fresh_state(int(y.shape[0]), self.context.device)
+            outs = [step(j, z, state, e) for j, (z, e) in enumerate(zip(logits, batch_extras, strict=True))]
+            preds.append(_exits_first([o.preds for o in outs]).cpu())
+            scores.append(_exits_first([o.scores.double() for o in outs]).cpu())
+            labels.append(y)
+        details: list[torch.Tensor | None] = [None] * (len(self.stages) + 1)
+        return owner.build_traces(torch.cat(preds, -1).long(), torch.cat(scores, -1), torch.cat(labels).long(),
+                                  details)
+
+    @torch.no_grad()
+    def _cached_logits(self, activations: Activations, extras: list[torch.Tensor] | None,
+                       ) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor | None], torch.Tensor]]:
+        """Per batch of ``context.batch_size`` cached samples: every exit's logits (the ICs', then the
+        head's), each exit's extra inputs (None at the head) and the labels."""
+        device, size = self.context.device, self.context.batch_size
+        for start in range(0, len(activations), size):
+            rows = slice(start, start + size)
+            batch_extras = [None] * len(self.stages) if extras is None else [e[rows].to(device) for e in extras]
+            logits = [ic.forward_pooled(activations.features[s][rows].to(device).float(), extra)
+                      for s, ic, extra in zip(self.stages, self.ics, batch_extras, strict=True)]
+            yield [*logits, activations.logits[rows].to(device)], [*batch_extras, None], activations.labels[rows]

@@ -13,7 +13,7 @@ built-in method follows) as it hands the batches out.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -32,19 +32,6 @@ def reset_to_fresh(backbone: StagedBackbone, context: MethodContext, key: str) -
         raise MethodConfigError("from_scratch needs a fresh backbone from the harness (context.fresh_backbone)",
                                 key=key)
     backbone.load_state_dict(context.fresh_backbone().state_dict())
-
-
-def stage_outputs_at(backbone: StagedBackbone, x: torch.Tensor,
-                     stages: Sequence[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The outputs of ``stages`` (in order) and the head's logits, from one pass."""
-    wanted = set(stages)
-    picked: dict[int, torch.Tensor] = {}
-    out = x
-    for index, stage in enumerate(backbone.stages):
-        out = stage(out)
-        if index in wanted:
-            picked[index] = out
-    return [picked[s] for s in stages], backbone.head(out)
 
 
 def train_jointly(

@@ -12,7 +12,16 @@ import pytest
 import torch
 
 from eebench.activations import ActivationCache
-from eebench.api import Charge, EebenchError, ExitCosts, ExitOutputs, ExitStrategy, Spend, TrainingBudget
+from eebench.api import (
+    Charge,
+    EebenchError,
+    ExitCosts,
+    ExitState,
+    ExitStrategy,
+    Spend,
+    StepOutput,
+    TrainingBudget,
+)
 from eebench.costs import StageCosts
 from eebench.runner import Runner
 from eebench.strategy import MethodContext
@@ -175,9 +184,12 @@ def test_a_shared_pass_costs_every_reader_the_same_seconds() -> None:
 class _Stub(ExitStrategy):
     """Test strategies: the backbone's head is the one exit (never reached: fit fails the cell)."""
 
-    def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:
-        scores, preds = torch.softmax(self.backbone(x), 1).max(1)
-        return ExitOutputs(preds[None], scores[None])
+    def exit_taps(self) -> list[int]:
+        return []
+
+    def exit_step(self, j: int, features: torch.Tensor, state: ExitState) -> StepOutput:
+        scores, preds = torch.softmax(self.backbone.head(features), 1).max(1)
+        return StepOutput(preds, scores)
 
     def exit_costs(self) -> ExitCosts:
         total = self.context.stage_costs.total

@@ -6,10 +6,12 @@ import copy
 
 import pytest
 import torch
+from test_sdn import assert_executor_matches_trace, assert_reloaded_state_gives_the_same_traces
 
 from eebench.api import EebenchError
 from eebench.calibration import build_curve
 from eebench.costs import StageCosts
+from eebench.datasets import take
 from eebench.strategy import MethodContext
 from eebench.trace import compute_traces
 from eebench_plugins.budgets import EpochsBudget, SamplesBudget, SecondsBudget
@@ -185,7 +187,7 @@ def test_budget_gives_each_decision_function_its_phase_and_trains_its_ic_there(
     assert changed == {j: [j] for j in range(num_ics)}  # IC j trained in phase j, and only there
     assert budget.spend.extra_forward_samples == len(train)
     expected_macs = len(train) * strategy.context.stage_costs.total + sum(
-        n * (strategy._policy_phase_macs(j) + 3.0 * strategy.ic_macs()[j])
+        n * (strategy._policy_phase_macs(j) + 3.0 * strategy.bank.macs()[j])
         for j, n in zip(range(5, -1, -1), shares, strict=True))
     assert budget.spend.training_macs == pytest.approx(expected_macs)
 
@@ -253,7 +255,8 @@ def test_outputs_costs_and_variants(fitted, small_fmnist) -> None:
     _, _, test = small_fmnist
     out = strategy.exit_outputs(test.images[:50])
     assert out.preds.shape == out.scores.shape == (25, 7, 50)
-    assert len(strategy.variant_names()) == 25 and strategy.variant_names()[0] == "λ=0.0001"
+    variants = strategy.report().variants
+    assert len(variants) == 25 and variants[0] == "λ=0.0001"
     assert strategy.strict and len(DEFAULT_LAMBDAS) == 25
     assert DEFAULT_LAMBDAS[0] == pytest.approx(1e-4) and DEFAULT_LAMBDAS[-1] == pytest.approx(10.0)
     head = torch.softmax(strategy.backbone(test.images[:50]).double(), 1)
@@ -296,3 +299,33 @@ def test_frozen_backbone_is_bit_identical_after_fit(fitted) -> None:
 
 def test_registered_as_bwds(registry) -> None:
     assert registry.get("exit_strategies", "bwds") is BWDS
+
+
+@pytest.fixture(scope="module")
+def three_lambdas(trained_resnet20, small_fmnist):
+    """BWDS with three λ (three rule variants), one epoch per decision function."""
+    bundle, train, _ = small_fmnist
+    model = copy.deepcopy(trained_resnet20)
+    strategy = BWDS(model, make_context(model, bundle), lambdas=[0.01, 0.1, 1.0])
+    budget = EpochsBudget(6)
+    budget.bind(len(train))
+    strategy.fit(train, budget)
+    strategy.eval()
+    return strategy
+
+
+def test_executor_matches_the_trace_for_every_lambda(three_lambdas, small_fmnist) -> None:
+    _, _, test = small_fmnist
+    subset = take(test, torch.arange(150))  # 3 variants x 5 threshold matrices x 3 modes: keep it short
+    traces = compute_traces(three_lambdas, subset, batch_size=100, device="cpu")
+    assert len(traces) == 3
+    assert_executor_matches_trace(three_lambdas, subset.images, traces)
+
+
+def test_a_fresh_bwds_loading_the_state_gives_the_same_traces(three_lambdas, trained_resnet20, small_fmnist) -> None:
+    """The decision functions (and ICs) come back from the state: the reloaded exits are the fitted ones."""
+    bundle, _, test = small_fmnist
+    model = copy.deepcopy(trained_resnet20)
+    fresh = BWDS(model, make_context(model, bundle), lambdas=[0.01, 0.1, 1.0])
+    assert all(bool((w == 0).all()) for w in fresh.policies.weight)  # untrained: the state must bring them
+    assert_reloaded_state_gives_the_same_traces(three_lambdas, fresh, test)

@@ -28,9 +28,9 @@ def test_calibration_trace_from_the_cache_matches_the_live_pass(registry, traine
     strategy.fit(train, budget)
     strategy.eval()
 
-    assert strategy.cached_outputs(test) is None  # nothing cached for the test split: it runs the images
-    assert strategy.cached_outputs(train) is not None
-    cached = compute_traces(strategy, train, batch_size=64, device="cpu")
+    assert strategy.split_traces(test) is None  # nothing cached for the test split: it runs the images
+    assert strategy.split_traces(train) is not None
+    cached = compute_traces(strategy, train, batch_size=64, device="cpu", calibration=True)
     live = strategy.exit_outputs(train.images)
     live_preds = live.preds if live.preds.ndim == 3 else live.preds[None]
     live_scores = live.scores if live.scores.ndim == 3 else live.scores[None]

@@ -11,8 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from eebench.api import ExitCosts, ExitOutputs, ExitStrategy, ExitTrace, iterate_batches
+from eebench.api import (
+    ExitCosts,
+    ExitState,
+    ExitStrategy,
+    ExitTrace,
+    MethodReport,
+    StepOutput,
+    exit_costs_at,
+    iterate_batches,
+    stage_taps,
+)
 from eebench.datasets import dataset_labels
 from eebench.errors import EebenchError
 from eebench.plugins import default_registry
@@ -56,6 +67,14 @@ def test_built_in_method_passes_the_kit(name: str) -> None:
 # ---------------------------------------------------------------------- a small valid method and broken ones
 
 
+class ClassMeans(nn.Module):
+    """The class means as a buffer: saved with the strategy's state, moved with its modules."""
+
+    def __init__(self, classes: int, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("means", torch.zeros(classes, channels))
+
+
 class NearestMean(ExitStrategy):
     """Valid: nearest class mean of pooled features after the first exit point, then the head."""
 
@@ -63,65 +82,63 @@ class NearestMean(ExitStrategy):
         super().__init__(backbone, context)
         self.stage = backbone.exit_points[0]
         channels = context.stage_costs.stage_shapes[self.stage][0]
-        self.means = torch.zeros(context.num_classes, channels)
+        self.table = ClassMeans(context.num_classes, channels)
 
-    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
-        for index, out in self.backbone.iter_stages(x):
-            if index == self.stage:
-                return out.float().mean((2, 3))
-        raise AssertionError("unreachable")
+    def modules(self) -> list[nn.Module]:
+        return [self.backbone, self.table]
+
+    def exit_taps(self) -> list[int]:
+        return [self.stage]
 
     @torch.no_grad()
     def fit(self, train, budget) -> None:
         self.backbone.eval()
         k = self.context.num_classes
-        sums, counts = torch.zeros_like(self.means), torch.zeros(k)
+        sums, counts = torch.zeros_like(self.table.means), torch.zeros(k)
         for x, y in budget.batches(train, self.context.train_batch_size, device=self.context.device,
                                    seed=self.context.seed):
-            sums.index_add_(0, y, self._pooled(x))
+            [features], _ = stage_taps(self.backbone, x, [self.stage], through=self.stage)
+            sums.index_add_(0, y, features.float().mean((2, 3)))
             counts += torch.bincount(y, minlength=k)
-        self.means = sums / counts.clamp(min=1)[:, None]
+        self.table.means.copy_(sums / counts.clamp(min=1)[:, None])
 
     @torch.no_grad()
-    def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:
-        outputs, logits = self.backbone.stage_outputs(x)
-        near = torch.softmax(-torch.cdist(outputs[self.stage].float().mean((2, 3)), self.means), 1).max(1)
-        final = torch.softmax(logits, 1).max(1)
-        return ExitOutputs(torch.stack([near.indices, final.indices]), torch.stack([near.values, final.values]))
+    def exit_step(self, j: int, features: torch.Tensor, state: ExitState) -> StepOutput:
+        if j == 0:
+            distances = torch.cdist(features.float().mean((2, 3)), self.table.means)
+            near = torch.softmax(-distances, 1).max(1)
+        else:
+            near = torch.softmax(self.backbone.head(features), 1).max(1)
+        return StepOutput(near.indices, near.values)
 
     def exit_costs(self) -> ExitCosts:
-        costs = self.context.stage_costs
-        k, d = self.means.shape
-        return ExitCosts(torch.tensor([costs.through(self.stage), costs.total], dtype=torch.float64),
-                         torch.tensor([d * k + k, 0.0], dtype=torch.float64), costs.total)
+        k, d = self.table.means.shape
+        return exit_costs_at(self.context.stage_costs, [self.stage], [d * k + k])
 
 
 class WrongShape(NearestMean):
-    def exit_outputs(self, x):
-        out = super().exit_outputs(x)
-        return ExitOutputs(out.preds.T, out.scores.T)  # [B, E]
+    def exit_step(self, j, features, state):
+        out = super().exit_step(j, features, state)
+        return StepOutput(out.preds[:, None], out.scores[:, None])  # [B, 1]
 
 
 class NaNScores(NearestMean):
-    def exit_outputs(self, x):
-        out = super().exit_outputs(x)
-        out.scores[0, ::3] = float("nan")
+    def exit_step(self, j, features, state):
+        out = super().exit_step(j, features, state)
+        if j == 0:
+            out.scores[::3] = float("nan")
         return out
 
 
 class Unseeded(NearestMean):
     def fit(self, train, budget):
         super().fit(train, budget)
-        self.shift = random.SystemRandom().random()  # a random state the seed does not control
-
-    def exit_outputs(self, x):
-        out = super().exit_outputs(x)
-        return ExitOutputs(out.preds, out.scores + self.shift)
+        self.table.means.add_(random.SystemRandom().random())  # a random state the seed does not control
 
 
 class NameMismatch(NearestMean):
-    def exit_names(self):
-        return ["final"]  # two exits in outputs and costs
+    def report(self):
+        return MethodReport(exit_names=["final"])  # two exits in outputs and costs
 
 
 class NegativeOverhead(NearestMean):
@@ -140,15 +157,23 @@ class FirstExitAlways(ExitTrace):
 
 
 class IgnoresOff(NearestMean):
-    def precomputed_trace(self, dataset):
-        self.eval()
-        preds, scores, labels = [], [], []
-        for x, y in iterate_batches(dataset, 100):
-            out = self.exit_outputs(x)
-            preds.append(out.preds)
-            scores.append(out.scores)
-            labels.append(y)
-        return FirstExitAlways(torch.cat(preds, 1), torch.cat(scores, 1), torch.cat(labels))
+    def build_traces(self, preds, scores, labels, details):
+        return [FirstExitAlways(p, s, labels) for p, s in zip(preds, scores, strict=True)]
+
+
+class BatchRelative(NearestMean):
+    """Scores relative to the rest of the batch: a trace (whole batches) the executor cannot reproduce."""
+
+    def exit_step(self, j, features, state):
+        out = super().exit_step(j, features, state)
+        return StepOutput(out.preds, out.scores - out.scores.mean())
+
+
+class ForgetsMeans(NearestMean):
+    """Keeps its class means outside the state it saves: a reloaded copy has none."""
+
+    def modules(self):
+        return [self.backbone]
 
 
 class OverrunsClock(NearestMean):
@@ -161,7 +186,7 @@ def harness_test_split():
     """What a leaking method might do: find the cell's test split (here in the runner's frame)."""
     frame = inspect.currentframe()
     while frame is not None:
-        splits = frame.f_locals.get("splits")
+        splits = frame.f_locals.get("splits") or getattr(frame.f_locals.get("work"), "splits", None)
         if splits is not None and hasattr(splits, "test"):
             return splits.test
         frame = frame.f_back
@@ -189,18 +214,20 @@ def peeking(read: str, swallow: bool = False) -> type[NearestMean]:
 
 
 class PeeksInCalibration(NearestMean):
-    def cached_outputs(self, dataset):
+    def split_traces(self, dataset):
         harness_test_split()[3]
         return None
 
 
 BROKEN = [
-    (WrongShape, {}, "outputs", "expected the batch as the last dimension"),
+    (WrongShape, {}, "outputs", "exit_step(0): outputs are [100, 1] for 100 rows; expected [B] or [P, B]"),
     (NaNScores, {}, "outputs", "NaN scores"),
     (Unseeded, {}, "determinism", "different calibration traces"),
-    (NameMismatch, {}, "exit-names", "1 exit names"),
+    (NameMismatch, {}, "report", "1 exit names"),
     (NegativeOverhead, {}, "costs", "overheads"),
     (IgnoresOff, {"skip": ["determinism"]}, "exits-off", "left early"),
+    (BatchRelative, {"skip": ["determinism"]}, "executor", "(batch 1, variant 0"),
+    (ForgetsMeans, {"skip": ["determinism"]}, "state", "another test trace"),
     (OverrunsClock, {"budget": "seconds", "budget_params": {"seconds": 0.05}, "skip": ["determinism"]}, "budget",
      "overspent"),
     (peeking("tensor"), {}, "test-isolation", "its images tensor was read during fit"),
@@ -216,7 +243,7 @@ def test_a_valid_factory_passes() -> None:
     assert report.checks == [c for c in CHECKS if c != "determinism"] and report.skipped == ["determinism"]
     assert report.exits == ["exit0", "exit1"] and report.spend["samples"] == 200
     assert report.result["sizes"] == {"train": 200, "calibration": 200, "test": 200}
-    assert "NearestMean: 6 checks passed" in str(report)
+    assert "NearestMean: 8 checks passed" in str(report)
 
 
 @pytest.mark.parametrize(("factory", "options", "check", "message"), BROKEN,
@@ -247,14 +274,17 @@ def test_bad_arguments_are_usage_errors() -> None:
 # ---------------------------------------------------------------------- the example plugin's own test
 
 
-def test_the_example_plugins_own_conformance_test(monkeypatch: pytest.MonkeyPatch) -> None:
-    """examples/eebench-patience/tests runs the kit in one line; run that test from its source tree."""
+def test_the_example_plugins_own_tests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/eebench-patience/tests runs the kit in one line and checks its executor's exactness; run those
+    (fixture-free) tests from its source tree."""
     monkeypatch.syspath_prepend(str(EXAMPLE))  # eebench_patience from source, installed or not
-    path = EXAMPLE / "tests" / "test_patience_conformance.py"
-    spec = importlib.util.spec_from_file_location("eebench_patience_conformance_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    tests = [getattr(module, n) for n in dir(module) if n.startswith("test_")]
-    assert tests
-    for test in tests:
-        test()
+    paths = sorted((EXAMPLE / "tests").glob("test_*.py"))
+    assert [p.name for p in paths] == ["test_patience_conformance.py", "test_patience_exactness.py"]
+    for path in paths:
+        spec = importlib.util.spec_from_file_location(f"eebench_patience_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        tests = [getattr(module, n) for n in dir(module) if n.startswith("test_")]
+        assert tests, path.name
+        for test in tests:
+            test()

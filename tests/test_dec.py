@@ -11,8 +11,9 @@ import yaml
 
 from eebench.calibration import build_curve
 from eebench.costs import StageCosts
+from eebench.stepping import run_early_exit
 from eebench.strategy import MethodContext
-from eebench.trace import compute_trace
+from eebench.trace import ExitTrace, compute_trace
 from eebench_plugins.budgets import SamplesBudget
 from eebench_plugins.calibrators import PerExitBisection
 from eebench_plugins.dec.backbone import dec_backbone
@@ -236,7 +237,7 @@ def test_costs_and_operating_points(fitted) -> None:
     assert costs.backbone_macs.tolist() == [stage[0], stage[0] + stage[1], sum(stage)]
     assert costs.overhead_macs.tolist() == [500 * 10 + distance, 500 * 10 + distance, distance]
     trace = compute_trace(strategy, test, batch_size=100, device="cpu")
-    small, middle, large = strategy.operating_points()
+    small, middle, large = strategy.report().operating_points
     on_small = trace.evaluate(small.thresholds[None], costs)
     assert on_small.exit_counts[0].tolist() == [len(test), 0, 0]
     assert on_small.cost.item() == pytest.approx((stage[0] + 500 * 10 + distance) / costs.reference_macs)
@@ -249,7 +250,7 @@ def test_costs_and_operating_points(fitted) -> None:
 def test_extra_metrics_are_nmi_and_ari_per_row(fitted) -> None:
     strategy, _, _, test = fitted
     preds = torch.stack([test.labels, torch.zeros_like(test.labels)])
-    metrics = strategy.extra_metrics(preds, test.labels)
+    metrics = strategy.report().extra_metrics(preds, test.labels)
     assert metrics["NMI"][0] == pytest.approx(1.0) and metrics["ARI"][0] == pytest.approx(1.0)
     assert metrics["NMI"][1] == pytest.approx(0.0) and metrics["ARI"][1] == pytest.approx(0.0)
 
@@ -344,3 +345,65 @@ def test_autoencoder_activations_follow_the_paper() -> None:
     for i in (1, 2, 3):  # reconstruct ReLU codes (the 2000-d layer included): ReLU
         assert (sae.pair(i, hidden[i], 0.0) >= 0).all()
     assert (sae(x) < 0).any()
+
+
+def quantile_vectors(trace: ExitTrace) -> torch.Tensor:
+    """Per-exit thresholds at the 0.3/0.6/0.9 quantiles of each exit's scores (midpoints between
+    adjacent sorted scores, so no score sits on a threshold), plus the 0.6 vector with exit 0 off."""
+    rows = []
+    for q in (0.3, 0.6, 0.9):
+        row = []
+        for j in range(trace.num_exits - 1):
+            ordered = trace.scores[j].sort().values
+            i = int(q * (ordered.numel() - 1))
+            row.append(float((ordered[i] + ordered[i + 1]) / 2))
+        rows.append(row)
+    off = list(rows[1])
+    off[0] = math.inf
+    return torch.tensor([*rows, off], dtype=torch.float64)
+
+
+def executor_runs(strategy, images: torch.Tensor, thresholds: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
+    """The executor's (exit, prediction) per sample: batches of 64 compacted and masked, and batch 1
+    on the first 20 samples."""
+    def batched(compact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [run_early_exit(strategy, images[i : i + 64], thresholds[i : i + 64], compact=compact)
+                 for i in range(0, images.shape[0], 64)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    singles = [run_early_exit(strategy, images[i : i + 1], thresholds[i : i + 1]) for i in range(20)]
+    return {"compact": batched(True), "masked": batched(False),
+            "batch1": (torch.cat([s[0] for s in singles]), torch.cat([s[1] for s in singles]))}
+
+
+def test_the_executor_takes_the_traces_decisions(fitted) -> None:
+    strategy, _, _, test = fitted
+    strategy.eval()
+    trace = compute_trace(strategy, test, batch_size=64, device="cpu")
+    points = torch.stack([p.thresholds for p in strategy.report().operating_points])  # each DEC alone
+    vectors = torch.cat([quantile_vectors(trace), points])
+    first = trace.first_exit(vectors)  # [V, N]
+    preds = trace.preds.gather(0, first)
+    n = test.images.shape[0]
+    mixed = torch.arange(n) % 2 * 2  # rows alternate between vectors 0 and 2
+    cases = [(vectors[v].expand(n, -1), first[v], preds[v]) for v in range(vectors.shape[0])]
+    cases.append((vectors[mixed], first[mixed, torch.arange(n)], preds[mixed, torch.arange(n)]))
+    for thresholds, want_exit, want_pred in cases:
+        for mode, (exits, predicted) in executor_runs(strategy, test.images, thresholds).items():
+            rows = exits.numel()
+            assert torch.equal(exits, want_exit[:rows]), mode
+            assert torch.equal(predicted, want_pred[:rows]), mode
+    assert len(set(first[:3].flatten().tolist())) == trace.num_exits  # every exit is taken somewhere
+
+
+def test_state_dict_restores_the_exits_and_the_maps_exactly(fitted) -> None:
+    strategy, _, train, test = fitted
+    torch.manual_seed(1)  # another initialisation: everything must come from the state
+    fresh = DECE2CM(dec_backbone(10, (1, 28, 28)), strategy.context, **TINY)
+    fresh.load_state_dict(copy.deepcopy(strategy.state_dict()))
+    for split in (train, test):
+        first = compute_trace(strategy, split, batch_size=64, device="cpu")
+        again = compute_trace(fresh, split, batch_size=64, device="cpu")
+        assert torch.equal(first.preds, again.preds) and torch.equal(first.scores, again.scores)
+        view, view_again = strategy.calibration_view(first), fresh.calibration_view(again)
+        assert torch.equal(view.preds, view_again.preds) and torch.equal(view.labels, view_again.labels)

@@ -7,9 +7,11 @@ import time
 
 import pytest
 import torch
+from test_sdn import assert_executor_matches_trace, assert_reloaded_state_gives_the_same_traces
 
 from eebench.calibration import build_curve
 from eebench.costs import StageCosts
+from eebench.datasets import take
 from eebench.strategy import MethodContext
 from eebench.trace import compute_traces
 from eebench_plugins.budgets import EpochsBudget
@@ -57,9 +59,10 @@ def test_seconds_include_the_statistics_passes(consulting) -> None:
 
 def test_consulting_never_exits_where_either_party_says_continue(consulting) -> None:
     strategy, _, train, test = consulting
-    calibration = compute_traces(strategy, train, batch_size=100, device="cpu")
+    calibration = compute_traces(strategy, train, batch_size=100, device="cpu", calibration=True)
     traces = compute_traces(strategy, test, batch_size=100, device="cpu")
-    assert len(traces) == 4 == len(strategy.variant_names())
+    variants = strategy.report().variants
+    assert len(traces) == 4 == len(variants)
     parts = strategy.parts(test.images)
     costs = strategy.exit_costs()
     candidates = [PerExitBisection(targets=100).thresholds(t, costs, torch.Generator().manual_seed(0))
@@ -67,7 +70,7 @@ def test_consulting_never_exits_where_either_party_says_continue(consulting) -> 
     curve = build_curve(calibration, traces, costs, candidates)
     checked = 0
     rules = [rule for rule in strategy.rules for _ in range(strategy.grid)]
-    assert strategy.variant_names()[0].startswith("same-class") and strategy.variant_names()[-1].startswith("conf")
+    assert variants[0].startswith("same-class") and variants[-1].startswith("conf")
     for variant, trace, vectors in zip(range(4), traces, candidates, strict=True):
         first = trace.first_exit(vectors)  # [V, N]
         for j in range(trace.num_exits - 1):
@@ -114,3 +117,35 @@ def test_costs_add_the_distance_overhead(consulting) -> None:
         # D·K + K (expansion) + D + K (‖x‖²) + 2K (sqrt, ÷ divisor)
         assert costs.overhead_macs[j].item() == pytest.approx(ic.macs() + 10 * dim + 10 + dim + 10 + 2 * 10)
     assert bool((costs.cumulative().diff() > 0).all())
+
+
+def _context(model, bundle) -> MethodContext:
+    return MethodContext(10, bundle.input_shape, StageCosts.measure(model, bundle.input_shape), torch.device("cpu"),
+                         seed=0, batch_size=100, train_batch_size=32)
+
+
+def test_executor_matches_the_trace_for_every_rule_and_level(consulting) -> None:
+    strategy, _, _, test = consulting
+    subset = take(test, torch.arange(150))  # 4 variants x 5 threshold matrices x 3 modes: keep it short
+    traces = compute_traces(strategy, subset, batch_size=100, device="cpu")
+    assert len(traces) == 4
+    assert_executor_matches_trace(strategy, subset.images, traces)
+
+
+def test_a_fresh_strategy_loading_the_state_gives_the_same_traces(consulting, trained_resnet20, small_fmnist) -> None:
+    """The T_cm grid (no module holds it) and the class means come back with the ICs."""
+    strategy, _, _, test = consulting
+    bundle = small_fmnist[0]
+    model = copy.deepcopy(trained_resnet20)
+    fresh = E2CMSDN(model, _context(model, bundle), grid=2)
+    assert not torch.equal(fresh.cm_thresholds, strategy.cm_thresholds)
+    assert "cm_thresholds" in strategy.state_dict()
+    assert_reloaded_state_gives_the_same_traces(strategy, fresh, test)
+    assert torch.equal(fresh.cm_thresholds, strategy.cm_thresholds)
+
+
+def test_calibration_trace_reads_the_fit_distances_only_for_the_training_split(consulting) -> None:
+    strategy, _, train, test = consulting
+    assert strategy.split_traces(test) is None  # the test trace runs the images
+    cached = strategy.split_traces(train)
+    assert cached is not None and len(cached) == 4 and cached[0].num_samples == len(train)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import yaml
+from test_branchynet import assert_executor_matches_trace
 
 from eebench.costs import StageCosts
 from eebench.strategy import MethodContext
@@ -81,7 +82,8 @@ def test_every_distribution_places_exits_at_the_documented_cost_fractions(untrai
     assert fractions == pytest.approx(DOCUMENTED_FRACTIONS[distribution], abs=1e-3)
     exit_costs = strategy.exit_costs()
     assert exit_costs.backbone_macs.tolist() == [cumulative[s] for s in expected] + [total]
-    assert strategy.exit_names() == [f"ee@block{s}" for s in expected] + ["final"]
+    assert strategy.report().exit_names == [f"ee@block{s}" for s in expected] + ["final"]
+    assert strategy.exit_taps() == expected
 
 
 def test_a_backbone_that_cannot_host_the_exits_raises_a_value_error(untrained) -> None:
@@ -148,7 +150,7 @@ def test_exit_rule_and_the_papers_operating_point(fitted, small_fmnist) -> None:
     with torch.no_grad():
         _, confidences = strategy.outputs(test.images)
     assert torch.allclose(trace.scores[:-1], torch.stack(confidences).double())
-    [point] = strategy.operating_points()
+    [point] = strategy.report().operating_points
     assert point.name == "T = 0.5" and point.thresholds.tolist() == [0.5, 0.5]
     first = trace.first_exit(point.thresholds[None])[0]
     h = trace.scores[:-1]
@@ -178,3 +180,8 @@ def test_cli_run_shows_eenet_in_the_leaderboard(tmp_path) -> None:
     assert [p["name"] for p in result["operating_points"]] == ["T = 0.5"]
     board = (tmp_path / "boards" / "tiny-eenet.md").read_text()
     assert "| EENet λ=1.5 |" in board and "| EENet λ=1.5 | T = 0.5 |" in board
+
+
+def test_the_executor_gives_the_traces_exits_and_predictions(fitted, small_fmnist) -> None:
+    strategy, _, _, _ = fitted  # bnpool exit blocks: BatchNorm in eval mode, per row
+    assert_executor_matches_trace(strategy, small_fmnist[2])

@@ -265,7 +265,7 @@ def test_every_plugin_training_loop_checks_its_loss() -> None:
     missing = [str(p.relative_to(ROOT)) for p in PLUGIN_SOURCES
                if ".backward()" in p.read_text() and "check_finite" not in p.read_text()]
     assert missing == [], f"training loops without check_finite_loss: {missing}"
-    for name in ("sdn.py", "bwds.py", "joint_training.py", "class_exclusion.py"):
+    for name in ("internal_classifiers.py", "bwds.py", "joint_training.py", "class_exclusion.py"):
         assert "check_finite_loss(" in (ROOT / "plugins" / name).read_text(), name
 
 

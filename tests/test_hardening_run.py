@@ -17,7 +17,7 @@ import torch
 import yaml
 from test_plugins import fake_distribution
 
-from eebench.api import ExitCosts, ExitOutputs, ExitStrategy
+from eebench.api import ExitCosts, ExitState, ExitStrategy, MethodReport, StagedBackbone, StepOutput
 from eebench.cli import main
 from eebench.datasets import TensorImageDataset
 from eebench.plugins import default_registry, load_registry
@@ -147,23 +147,29 @@ def test_a_bad_parameter_value_of_the_suite_is_still_one_line_and_code_2(tmp_pat
 
 
 class _Fixed(ExitStrategy):
-    """Hands the harness fixed outputs; no backbone."""
+    """Hands the harness fixed outputs per exit (``preds[j]``, ``scores[j]``) on two identity stages."""
 
     def __init__(self, preds: torch.Tensor, scores: torch.Tensor, variants: int = 1) -> None:
-        super().__init__(torch.nn.Identity(), SimpleNamespace(num_classes=10))
+        backbone = StagedBackbone([torch.nn.Identity(), torch.nn.Identity()], torch.nn.Identity())
+        super().__init__(backbone, SimpleNamespace(num_classes=10))
         self.preds, self.scores, self.variants = preds, scores, variants
 
     def fit(self, train, budget) -> None:
         pass
 
-    def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:
-        return ExitOutputs(self.preds[..., : x.shape[0]], self.scores[..., : x.shape[0]])
+    def exit_taps(self) -> list[int]:
+        return [0]
+
+    def exit_step(self, j: int, features: torch.Tensor, state: ExitState) -> StepOutput:
+        rows = features.shape[0]
+        return StepOutput(self.preds[j][..., :rows], self.scores[j][..., :rows])
 
     def exit_costs(self) -> ExitCosts:
         return ExitCosts(torch.tensor([1.0, 2.0], dtype=torch.float64), torch.zeros(2, dtype=torch.float64), 2.0)
 
-    def variant_names(self) -> list[str]:
-        return [str(i) for i in range(self.variants)] if self.variants > 1 else [""]
+    def report(self) -> MethodReport:
+        variants = [str(i) for i in range(self.variants)] if self.variants > 1 else [""]
+        return MethodReport(exit_names=["early", "final"], variants=variants)
 
     def modules(self):
         return []
@@ -173,11 +179,10 @@ GOOD_PREDS, GOOD_SCORES = torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8)
 
 
 @pytest.mark.parametrize(("preds", "scores", "variants", "expected"), [
-    (GOOD_PREDS.T, GOOD_SCORES.T, 1, "expected the batch as the last dimension"),
-    (GOOD_PREDS, torch.zeros(3, 8), 1, "expected the same shape"),
-    (GOOD_PREDS, GOOD_SCORES, 2, "P == len(variant_names()) == 2"),
+    (GOOD_PREDS[..., None], GOOD_SCORES[..., None], 1, "exit_step(0) preds [8, 1] and scores [8, 1] for 8 rows"),
+    (GOOD_PREDS, torch.zeros(2, 3), 1, "expected both [B] or [P, B] with B the rows asked"),
+    (GOOD_PREDS, GOOD_SCORES, 2, "P == len(MethodReport.variants) == 2"),
     (GOOD_PREDS.float(), GOOD_SCORES, 1, "expected integer class ids"),
-    (GOOD_PREDS, torch.zeros(2, 8, dtype=torch.long), 1, "expected a floating dtype"),
     (GOOD_PREDS, torch.tensor([[0.0, float("nan")] * 4, [0.0] * 8]), 1, "4 NaN scores (at exits [0])"),
     (GOOD_PREDS + torch.tensor([[0] * 7 + [10], [0] * 8]), GOOD_SCORES, 1, "predictions outside [0, 10) (e.g. 10)"),
     (GOOD_PREDS - 1, GOOD_SCORES, 1, "outside [0, 10)"),
@@ -189,17 +194,17 @@ def test_bad_outputs_are_refused_at_the_boundary_naming_the_plugin(preds, scores
         compute_traces(strategy, dataset, batch_size=8, device="cpu", description="test trace",
                        plugin="exit strategy 'fixed' (some-package)")
     message = str(caught.value)
-    assert message.startswith("exit strategy 'fixed' (some-package): test trace, batch 0: exit_outputs"), message
-    assert expected in message, message
+    assert message.startswith("exit strategy 'fixed' (some-package): test trace, batch 0: "), message
+    assert "exit_step" in message and expected in message, message
     good = _Fixed(GOOD_PREDS, GOOD_SCORES)  # the same pass with valid outputs goes through
     assert compute_traces(good, dataset, batch_size=8, device="cpu")[0].num_exits == 2
 
 
 def test_nan_scores_fail_the_cell_not_the_run(tmp_path, capsys, register) -> None:
     class NaNScores(e2cm()):
-        def exit_outputs(self, x):
-            out = super().exit_outputs(x)
-            return ExitOutputs(out.preds, torch.full_like(out.scores, float("nan")))
+        def exit_step(self, j, features, state):
+            out = super().exit_step(j, features, state)
+            return StepOutput(out.preds, torch.full_like(out.scores, float("nan")), out.detail)
 
     register("nan-scores", NaNScores)
     code, _, err = run(suite_with(tmp_path, "nan-scores", "e2cm"), tmp_path, capsys)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 
@@ -11,11 +12,12 @@ import torch
 import yaml
 
 from eebench.costs import StageCosts
-from eebench.strategy import MethodContext
-from eebench.trace import compute_trace
+from eebench.stepping import run_early_exit
+from eebench.strategy import ExitStrategy, MethodContext
+from eebench.trace import ExitTrace, compute_trace, compute_traces
 from eebench_plugins.budgets import EpochsBudget, SamplesBudget
-from eebench_plugins.internal_classifiers import InternalClassifier, reduce_for_ic
-from eebench_plugins.sdn import SDN, _lr_drop_at
+from eebench_plugins.internal_classifiers import InternalClassifier, lr_drop_at, place_ics, reduce_for_ic
+from eebench_plugins.sdn import SDN
 
 FRACTIONS = [0.15, 0.30, 0.45, 0.60, 0.75, 0.90]
 
@@ -67,7 +69,8 @@ def test_ics_sit_at_the_first_exit_point_reaching_each_fraction(registry, name, 
             assert not earlier or costs.through(earlier[-1]) < fraction * costs.total
         else:  # ... or, when none before the final stage does, the last one before it
             assert stage == candidates[-1]
-    assert strategy.exit_names() == [f"ic@block{s}" for s in expected] + ["final"]
+    assert strategy.report().exit_names == [f"ic@block{s}" for s in expected] + ["final"]
+    assert strategy.exit_taps() == expected and strategy.bank.stages is strategy.ic_stages
     exit_costs = strategy.exit_costs()
     assert exit_costs.backbone_macs.tolist() == [costs.through(s) for s in expected] + [costs.total]
     assert exit_costs.overhead_macs[-1].item() == 0.0 and exit_costs.reference_macs == costs.total
@@ -142,8 +145,9 @@ def test_lr_drops_after_60_percent_of_a_multi_epoch_plan() -> None:
     five.bind(200)
     one = EpochsBudget(1)
     one.bind(200)
-    assert _lr_drop_at(five, 200) == pytest.approx(600) and _lr_drop_at(one, 200) is None
-    assert _lr_drop_at(SamplesBudget(90), 200) is None and _lr_drop_at(SamplesBudget(1000), 200) == 600
+    assert lr_drop_at(five.planned_samples, 200) == pytest.approx(600) and lr_drop_at(one.planned_samples, 200) is None
+    assert lr_drop_at(SamplesBudget(90).planned_samples, 200) is None
+    assert lr_drop_at(SamplesBudget(1000).planned_samples, 200) == 600
 
 
 def test_trained_ics_beat_chance_and_their_untrained_selves(fitted, small_fmnist) -> None:
@@ -152,7 +156,8 @@ def test_trained_ics_beat_chance_and_their_untrained_selves(fitted, small_fmnist
     assert budget.spend.samples == 5 * len(train)
     trained_acc = ic_accuracies(strategy, train.images, train.labels)[:-1]
     fresh = copy.copy(strategy)
-    fresh.ics = untrained.eval()
+    fresh.bank = copy.copy(strategy.bank)
+    fresh.bank.ics = untrained.eval()
     untrained_acc = ic_accuracies(fresh, train.images, train.labels)[:-1]
     assert trained_acc[-1] > 0.3 and trained_acc[-2] > 0.3
     assert max(untrained_acc) < 0.3
@@ -212,8 +217,6 @@ def test_cli_runs_e2cm_and_sdn_and_records_the_shared_pass(tmp_path) -> None:
 def test_fractions_sharing_an_exit_point_get_one_ic_and_no_extra(registry) -> None:
     """Two fractions reached at the same block give that one IC; only an unreached fraction adds the
     last exit point before the final stage."""
-    from eebench_plugins.sdn import place_ics
-
     model = registry.get("backbones", "resnet20")(10, (1, 28, 28)).eval()
     costs = StageCosts.measure(model, (1, 28, 28))
     context = MethodContext(10, (1, 28, 28), costs, torch.device("cpu"), seed=0)
@@ -221,3 +224,131 @@ def test_fractions_sharing_an_exit_point_get_one_ic_and_no_extra(registry) -> No
     first = min(s for s in candidates if costs.through(s) >= 0.5 * costs.total)
     assert place_ics(model, context, [0.5, 0.5001]) == [first]
     assert place_ics(model, context, [0.5, 0.9999]) == [first, candidates[-1]]
+
+
+# -- the executor runs the trace's network (issue 14): shared by test_bwds and test_e2cm_sdn ------
+
+def threshold_vectors(trace: ExitTrace) -> list[torch.Tensor]:
+    """Per-exit thresholds at the 0.3 / 0.6 / 0.9 quantiles of each exit's finite test scores, each
+    a midpoint between adjacent distinct scores, plus the 0.6 vector with its first exit off (+inf)."""
+    vectors = []
+    for q in (0.3, 0.6, 0.9):
+        row = []
+        for j in range(trace.num_exits - 1):
+            values = torch.unique(trace.scores[j][torch.isfinite(trace.scores[j])])  # sorted, distinct
+            if len(values) < 2:
+                row.append(float(values[0]) if len(values) else math.inf)
+                continue
+            k = min(int(q * (len(values) - 1)), len(values) - 2)
+            row.append(float((values[k] + values[k + 1]) / 2))
+        vectors.append(torch.tensor(row, dtype=torch.float64))
+    off = vectors[1].clone()
+    off[0] = math.inf
+    return [*vectors, off]
+
+
+def trace_outcome(trace: ExitTrace, vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N] exit index and [N] prediction of every sample under one threshold vector, from the trace."""
+    first = trace.first_exit(vector[None])[0]
+    return first, trace.preds.gather(0, first[None])[0]
+
+
+def assert_modes_match(strategy: ExitStrategy, images: torch.Tensor, thresholds: torch.Tensor,
+                       variant: torch.Tensor | None, want: tuple[torch.Tensor, torch.Tensor], label: str) -> None:
+    """``run_early_exit`` in batches of 64 (compacted and masked) and one sample at a time on the
+    first 20 gives the trace's exit index and prediction for every row."""
+    def pick(rows: slice) -> torch.Tensor | None:
+        return None if variant is None else variant[rows]
+
+    for compact in (True, False):
+        runs = [run_early_exit(strategy, images[i:i + 64], thresholds[i:i + 64], pick(slice(i, i + 64)),
+                               compact=compact) for i in range(0, len(images), 64)]
+        exits, preds = torch.cat([r[0] for r in runs]), torch.cat([r[1] for r in runs])
+        where = f"{label}, compact={compact}"
+        assert torch.equal(exits, want[0]), f"{where}: {int((exits != want[0]).sum())} exit indices differ"
+        assert torch.equal(preds, want[1]), f"{where}: {int((preds != want[1]).sum())} predictions differ"
+    for i in range(20):
+        exit_index, pred = run_early_exit(strategy, images[i:i + 1], thresholds[i:i + 1], pick(slice(i, i + 1)))
+        assert (int(exit_index), int(pred)) == (int(want[0][i]), int(want[1][i])), f"{label}, batch 1, sample {i}"
+
+
+@torch.no_grad()
+def assert_executor_matches_trace(strategy: ExitStrategy, images: torch.Tensor, traces: list[ExitTrace]) -> None:
+    """For every variant and several threshold vectors, and for one per-row mix of two vectors (and two
+    variants), the executor's exits and predictions are the trace's outcome exactly."""
+    strategy.eval()
+    rows = len(images)
+    early = 0
+    for v, trace in enumerate(traces):
+        variant = None if len(traces) == 1 else torch.full((rows,), v, dtype=torch.long)
+        for k, vector in enumerate(threshold_vectors(trace)):
+            want = trace_outcome(trace, vector)
+            early += int((want[0] < trace.num_exits - 1).sum())
+            assert_modes_match(strategy, images, vector.expand(rows, -1), variant, want, f"variant {v}, vector {k}")
+    first, last = traces[0], traces[-1]
+    a, b = threshold_vectors(first)[0], threshold_vectors(last)[2]
+    odd = torch.arange(rows) % 2 == 1
+    thresholds = torch.where(odd[:, None], b[None], a[None])
+    variant = None if len(traces) == 1 else torch.where(odd, len(traces) - 1, 0)
+    (exits_a, preds_a), (exits_b, preds_b) = trace_outcome(first, a), trace_outcome(last, b)
+    want = torch.where(odd, exits_b, exits_a), torch.where(odd, preds_b, preds_a)
+    assert_modes_match(strategy, images, thresholds, variant, want, "mixed rows")
+    assert early > 0  # some rows leave early: the check is not vacuous
+
+
+def assert_reloaded_state_gives_the_same_traces(strategy: ExitStrategy, fresh: ExitStrategy, test) -> None:
+    """A freshly built strategy loading ``strategy``'s saved state (through torch.save, weights only, as
+    eebench.inference does) computes the very same test traces."""
+    buffer = io.BytesIO()
+    torch.save(strategy.state_dict(), buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    ours = compute_traces(strategy, test, batch_size=100, device="cpu")
+    theirs = compute_traces(fresh, test, batch_size=100, device="cpu")
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a.preds, b.preds) and torch.equal(a.scores, b.scores)
+
+
+def test_executor_matches_the_trace(fitted, small_fmnist) -> None:
+    strategy, *_ = fitted
+    _, _, test = small_fmnist
+    assert_executor_matches_trace(strategy, test.images, compute_traces(strategy, test, batch_size=100, device="cpu"))
+
+
+def test_executor_matches_the_trace_with_the_most_confident_fallback(fitted, small_fmnist) -> None:
+    """The running most confident output lives in the per-sample state, so the executor's final exit
+    (which every IC feeds, even one switched off) returns what the trace's does."""
+    strategy, *_ = fitted
+    _, _, test = small_fmnist
+    other = SDN(strategy.backbone, strategy.context, fallback="most_confident")
+    other.ics.load_state_dict(strategy.ics.state_dict())
+    traces = compute_traces(other, test, batch_size=100, device="cpu")
+    assert_executor_matches_trace(other, test.images, traces)
+
+
+@pytest.mark.parametrize("fallback", ["final", "most_confident"])
+def test_a_fresh_sdn_loading_the_state_gives_the_same_traces(fitted, small_fmnist, fallback) -> None:
+    strategy, *_ = fitted
+    _, _, test = small_fmnist
+    fitted_one = SDN(strategy.backbone, strategy.context, fallback=fallback)
+    fitted_one.ics.load_state_dict(strategy.ics.state_dict())
+    fresh = SDN(copy.deepcopy(strategy.backbone), strategy.context, fallback=fallback)
+    pairs = zip(fresh.ics.parameters(), strategy.ics.parameters(), strict=True)
+    assert not all(torch.equal(a, b) for a, b in pairs)  # fresh ICs: the state must bring the trained ones
+    assert_reloaded_state_gives_the_same_traces(fitted_one, fresh, test)
+
+
+def test_calibration_trace_with_the_fallback_comes_from_the_cache(fitted, small_fmnist) -> None:
+    """The cached calibration trace runs the same most-confident rule, through the state, as exit_step."""
+    strategy, *_ = fitted
+    _, train, _ = small_fmnist
+    other = SDN(strategy.backbone, strategy.context, fallback="most_confident")
+    other.ics.load_state_dict(strategy.ics.state_dict())
+    other.eval()
+    plain = strategy.split_traces(train)[0]
+    cached = other.split_traces(train)[0]
+    best = plain.scores.argmax(0)
+    assert torch.equal(cached.preds[:-1], plain.preds[:-1]) and torch.equal(cached.scores[:-1], plain.scores[:-1])
+    assert torch.equal(cached.preds[-1], plain.preds[best, torch.arange(best.numel())])
+    assert torch.equal(cached.scores[-1], plain.scores.max(0).values)

@@ -22,7 +22,7 @@ Labels are never used to train or to choose thresholds:
   (``calibration_view``);
 - for reported accuracy only, each exit's clusters are mapped to classes by Hungarian
   matching on the training labels (spec §7.3.7), and an exited sample is scored through its
-  exit's mapping. NMI and ARI are reported too (``extra_metrics``).
+  exit's mapping. NMI and ARI are reported too (``MethodReport.extra_metrics``).
 
 Cost (MACs, batch 1): the trunk up to the exit + the exit's new 500→10 layer (counted by the
 core on the module) + the distances to the K centres as E²CM prices them from the core's
@@ -46,16 +46,19 @@ from eebench.api import (
     Budget,
     EebenchError,
     ExitCosts,
-    ExitOutputs,
+    ExitState,
     ExitStrategy,
     ExitTrace,
     MethodContext,
+    MethodReport,
     OperatingPoint,
     Params,
     StagedBackbone,
+    StepOutput,
     count_macs,
     iterate_batches,
     softmax_macs,
+    stage_taps,
 )
 from eebench_plugins.class_means import ClassMeansExit
 from eebench_plugins.dec.backbone import DECEncoder, xavier_relu_
@@ -65,6 +68,11 @@ from eebench_plugins.dec.metrics import ari, cluster_accuracy, hungarian_mapping
 from eebench_plugins.dec.pretrain import pretrain
 from eebench_plugins.dec.recipes import FIELDS, PRESETS, DECRecipe, recipe_from
 from eebench_plugins.dec.train import init_centres, train_dec
+
+
+def clustering_metrics(preds: torch.Tensor, labels: torch.Tensor) -> dict[str, list[float]]:
+    """NMI and ARI of each row of final test predictions [V, N] against the true labels."""
+    return {"NMI": [nmi(row, labels) for row in preds], "ARI": [ari(row, labels) for row in preds]}
 
 
 def inverse_permutation(mapping: torch.Tensor) -> torch.Tensor:
@@ -191,7 +199,7 @@ class DECE2CM(ExitStrategy):
         kmeans_labels = init_centres(encoder, backbone.head, data, recipe, generator, meter, macs)
         kmeans_acc = {"DEC_large": cluster_accuracy(kmeans_labels, labels)}
         logs.append(train_dec(encoder, backbone.head, data, recipe, generator, meter, macs, name="DEC_large KL"))
-        names = self.exit_names()
+        names = self._names()
         for k, stage in enumerate(self.exit_stages):
             trunk = copy.deepcopy(nn.Sequential(*backbone.stages[: stage + 1])).requires_grad_(False).eval()
             self.trunks.append(trunk)
@@ -226,11 +234,12 @@ class DECE2CM(ExitStrategy):
     @torch.no_grad()
     def _embeddings(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every exit's 10-d embedding from one pass through DEC_large's trunk."""
-        outputs = []
-        for stage in self.backbone.stages:
-            x = stage(x)
-            outputs.append(x)
-        return [head(outputs[s]) for head, s in zip(self.heads, self.exit_stages, strict=True)] + [outputs[-1]]
+        taps, out = stage_taps(self.backbone, x, self.exit_stages)
+        return [self._embedding(j, tap) for j, tap in enumerate(taps)] + [out]
+
+    def _embedding(self, j: int, features: torch.Tensor) -> torch.Tensor:
+        """Exit j's 10-d embedding: its own 500→10 layer on the trunk's output; DEC_large's is the encoder's."""
+        return self.heads[j](features) if j < len(self.heads) else features
 
     @torch.no_grad()
     def _fit_exits(self, data: torch.Tensor, labels: torch.Tensor) -> None:
@@ -248,21 +257,22 @@ class DECE2CM(ExitStrategy):
             clusters.append(self._assign(distances, exit_module.divisors).cpu())
         self.truth_maps = torch.stack([hungarian_mapping(c, labels, size) for c in clusters])
         self.to_large = torch.stack([hungarian_mapping(c, clusters[-1], size) for c in clusters])
-        names = self.exit_names()
+        names = self._names()
         self._train_accuracy = {names[j]: cluster_accuracy(c, labels) for j, c in enumerate(clusters)}
 
     # ------------------------------------------------------------------ inference
 
+    def exit_taps(self) -> list[int]:
+        return list(self.exit_stages)
+
     @torch.no_grad()
-    def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:
-        preds, scores = [], []
-        for j, (exit_module, z) in enumerate(zip(self.exits, self._embeddings(x), strict=True)):
-            distances = exit_module.distances(z)
-            score = torch.softmax(-distances / exit_module.divisors, dim=1).max(1).values
-            cluster = self._assign(distances, exit_module.divisors)
-            preds.append(self.truth_maps[j].to(cluster.device)[cluster])
-            scores.append(score)
-        return ExitOutputs(torch.stack(preds), torch.stack(scores))
+    def exit_step(self, j: int, features: torch.Tensor, state: ExitState) -> StepOutput:
+        """Exit j's E²CM score on its clusters, and its cluster mapped to a class (evaluation mapping)."""
+        exit_module = self.exits[j]
+        distances = exit_module.distances(self._embedding(j, features))
+        score = torch.softmax(-distances / exit_module.divisors, dim=1).max(1).values
+        cluster = self._assign(distances, exit_module.divisors)
+        return StepOutput(self.truth_maps[j].to(cluster.device)[cluster], score)
 
     def _assign(self, distances: torch.Tensor, divisors: torch.Tensor) -> torch.Tensor:
         """The exit's cluster: its DEC's own hard assignment (nearest centre), or with
@@ -275,21 +285,18 @@ class DECE2CM(ExitStrategy):
         preds = torch.stack([self.to_large[j][raw[j]] for j in range(trace.num_exits)])
         return ExitTrace(preds, trace.scores, raw[-1], strict=trace.strict, chained=trace.chained)
 
-    def extra_metrics(self, preds: torch.Tensor, labels: torch.Tensor) -> dict[str, list[float]]:
-        """NMI and ARI of each row of final test predictions against the true labels."""
-        return {"NMI": [nmi(row, labels) for row in preds], "ARI": [ari(row, labels) for row in preds]}
+    def report(self) -> MethodReport:
+        return MethodReport(exit_names=self._names(), notes=self.notes, operating_points=self._operating_points(),
+                            fit_info=self.fit_log, extra_metrics=clustering_metrics)
 
-    def fit_info(self) -> dict[str, Any]:
-        return self.fit_log
-
-    def operating_points(self) -> list[OperatingPoint]:
+    def _operating_points(self) -> list[OperatingPoint]:
         """Each DEC on its own: everybody leaves at its exit, earlier exits off (+inf: no overhead).
 
         The exit's threshold is 0: a max softmax over K clusters is >= 1/K, so it always fires
         (-inf, "always exit", would do the same).
         """
         points = []
-        names = self.exit_names()
+        names = self._names()
         for j, name in enumerate(names):
             thresholds = torch.full((len(names) - 1,), float("inf"), dtype=torch.float64)
             if j < len(names) - 1:
@@ -309,10 +316,22 @@ class DECE2CM(ExitStrategy):
         return ExitCosts(torch.tensor(backbone, dtype=torch.float64),
                          torch.tensor([*overhead, final], dtype=torch.float64), backbone[-1] + final)
 
-    def exit_names(self) -> list[str]:
+    def _names(self) -> list[str]:
         if self.exit_stages == [0, 1] and len(self.backbone.stages) == 4:
             return ["DEC_small", "DEC_middle", "DEC_large"]
         return [f"DEC_layer{s + 1}" for s in self.exit_stages] + ["DEC_large"]
 
     def modules(self) -> list[nn.Module]:
-        return [self.backbone, self.heads, self.layers, self.exits, self.trunks]
+        """The encoder, the exits' layers and clustering layers, and the E²CM exits (centres and divisors
+        as buffers). The smaller DECs' frozen trunks are bit-identical copies of the encoder's first layers
+        (``_check_frozen``) that inference never runs, so they are not saved."""
+        return [self.backbone, self.heads, self.layers, self.exits]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The modules plus the per-exit cluster maps (cluster → class for the reported accuracy, cluster →
+        DEC_large's cluster for the calibration view), which are plain tensors."""
+        return {**super().state_dict(), "truth_maps": self.truth_maps.clone(), "to_large": self.to_large.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.truth_maps, self.to_large = state["truth_maps"].clone(), state["to_large"].clone()

@@ -13,6 +13,12 @@ exit j's prediction. The rule is ``counter >= T`` (``strict = False``) with one 
 T = k shared by every exit (the ``shared-threshold`` calibrator sweeps it). PABEE counts
 "unchanged predictions" from 0, so its patience t is T = t + 1 here.
 
+The counter is per-sample state: ``init_state`` starts it, and ``exit_step`` reads the previous
+exit's prediction and counter from ``state`` and writes its own back, so the core's executor
+(which drops rows as they leave) and the trace make the same calls. The counter at exit j needs
+every earlier exit, so the method is ``chained``: the core evaluates every exit, even one that
+is switched off, and the cost model pays for it.
+
 Costs and their approximations:
 - exit j pays the backbone up to its stage (``StageCosts.through``) plus every evaluated
   IC's MACs, counted like the backbone by ``count_macs`` on the IC module (C*H*W for the
@@ -36,12 +42,16 @@ from torch.utils.data import Dataset
 from eebench.api import (
     Budget,
     ExitCosts,
-    ExitOutputs,
+    ExitState,
     ExitStrategy,
     MethodContext,
+    MethodReport,
     StagedBackbone,
+    StepOutput,
     check_finite_loss,
     count_macs,
+    exit_costs_at,
+    stage_taps,
 )
 
 
@@ -56,11 +66,16 @@ def internal_classifier(feature_shape: tuple[int, ...], num_classes: int) -> nn.
 
 def patience_counters(preds: torch.Tensor) -> torch.Tensor:
     """[E, B] predictions -> [E, B] run lengths: how many consecutive exits up to and
-    including j predict what exit j predicts."""
+    including j predict what exit j predicts (what ``exit_step`` computes one exit at a time)."""
     counters = torch.ones_like(preds)
     for j in range(1, preds.shape[0]):
-        counters[j] = torch.where(preds[j] == preds[j - 1], counters[j - 1] + 1, 1)
+        counters[j] = next_counter(preds[j], preds[j - 1], counters[j - 1])
     return counters
+
+
+def next_counter(pred: torch.Tensor, previous: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """One exit's run length from the previous exit's prediction and run length."""
+    return torch.where(pred == previous, counter + 1, 1)
 
 
 class PatienceExit(ExitStrategy):
@@ -99,16 +114,8 @@ class PatienceExit(ExitStrategy):
     def modules(self) -> list[nn.Module]:
         return [self.backbone, self.classifiers]
 
-    def _features(self, x: torch.Tensor, *, through: int | None = None):
-        """Yield (classifier, feature) at each IC stage; stops after stage ``through`` if given.
-        The last stage output is kept in ``self._last`` when the whole backbone ran."""
-        by_stage = dict(zip(self.exit_stages, self.classifiers, strict=True))
-        for index, out in self.backbone.iter_stages(x):
-            if index in by_stage:
-                yield by_stage[index], out
-            if through is not None and index >= through:
-                return
-        self._last = out
+    def exit_taps(self) -> list[int]:
+        return list(self.exit_stages)
 
     def fit(self, train: Dataset, budget: Budget) -> None:
         ctx = self.context
@@ -124,8 +131,8 @@ class PatienceExit(ExitStrategy):
         for x, y in budget.batches(train, ctx.train_batch_size, device=ctx.device, augment=ctx.augment,
                                    seed=ctx.seed, description="patience ICs", macs_per_sample=per_sample):
             with torch.no_grad():
-                features = [(ic, out) for ic, out in self._features(x, through=last)]
-            loss = sum(loss_fn(ic(out), y) for ic, out in features)
+                features, _ = stage_taps(self.backbone, x, self.exit_stages, through=last)
+            loss = sum(loss_fn(ic(out), y) for ic, out in zip(self.classifiers, features, strict=True))
             check_finite_loss(loss, f"patience IC loss after {seen} samples")  # one line naming methods[i].params.lr
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -133,19 +140,24 @@ class PatienceExit(ExitStrategy):
             seen += int(y.shape[0])
         self.classifiers.eval()
 
+    def init_state(self, x: torch.Tensor) -> ExitState:
+        """No exit seen yet: no previous prediction (-1 matches no class) and a run length of 0."""
+        rows = int(x.shape[0])
+        return {"previous": torch.full((rows,), -1, dtype=torch.long, device=x.device),
+                "counter": torch.zeros(rows, dtype=torch.long, device=x.device)}
+
     @torch.no_grad()
-    def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:
-        preds = [ic(out).argmax(1) for ic, out in self._features(x)]
-        preds.append(self.backbone.head(self._last).argmax(1))
-        stacked = torch.stack(preds)
-        return ExitOutputs(stacked, patience_counters(stacked).float())
+    def exit_step(self, j: int, features: torch.Tensor, state: ExitState) -> StepOutput:
+        """Exit j's class (its IC, or the backbone's head for the final exit) and its patience counter,
+        carried in ``state`` from the previous exit."""
+        head = self.classifiers[j] if j < len(self.classifiers) else self.backbone.head
+        pred = head(features).argmax(1)
+        counter = next_counter(pred, state["previous"], state["counter"])
+        state["previous"], state["counter"] = pred, counter
+        return StepOutput(pred, counter.float())
 
     def exit_costs(self) -> ExitCosts:
-        stage_costs = self.context.stage_costs
-        backbone = [stage_costs.through(s) for s in self.exit_stages] + [stage_costs.total]
-        overhead = [*self.ic_macs, 0.0]
-        return ExitCosts(torch.tensor(backbone, dtype=torch.float64),
-                         torch.tensor(overhead, dtype=torch.float64), stage_costs.total)
+        return exit_costs_at(self.context.stage_costs, self.exit_stages, self.ic_macs)
 
-    def exit_names(self) -> list[str]:
-        return [f"block{s}" for s in self.exit_stages] + ["final"]
+    def report(self) -> MethodReport:
+        return MethodReport(exit_names=[f"block{s}" for s in self.exit_stages] + ["final"], notes=self.notes)

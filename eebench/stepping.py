@@ -1,0 +1,163 @@
+"""The core's walk through a staged backbone, exit by exit: one engine for traces and inference.
+
+``run_all_exits`` asks every exit about every row (a trace: no decision is taken);
+``run_early_exit`` runs the real early-exit network: at each exit the rows whose rule fires
+leave, and, with compaction, only the survivors go on through the next stages. Both make the
+same ``ExitStrategy.exit_step`` calls, so a trace and the executor cannot disagree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eebench.strategy import ExitOutputs, ExitState, ExitStrategy, StepOutput
+
+INF = float("inf")
+
+
+def exit_stages(strategy: ExitStrategy) -> list[int]:
+    """The stage each exit reads: the early exits' taps, then the last stage (the final exit)."""
+    return [*strategy.exit_taps(), len(strategy.backbone.stages) - 1]
+
+
+def _step_problem(out: object, rows: int) -> str | None:
+    preds, scores = getattr(out, "preds", None), getattr(out, "scores", None)
+    if not isinstance(preds, torch.Tensor) or not isinstance(scores, torch.Tensor):
+        return f"returned {type(out).__name__}; expected StepOutput(preds, scores) of tensors"
+    if preds.shape != scores.shape or preds.ndim not in (1, 2) or preds.shape[-1] != rows:
+        return (f"preds {list(preds.shape)} and scores {list(scores.shape)} for {rows} rows; expected both [B] "
+                "or [P, B] with B the rows asked")
+    if not scores.is_floating_point():
+        return f"scores have dtype {scores.dtype}; expected a floating dtype"
+    return None
+
+
+def checked_step(strategy: ExitStrategy, j: int, features: torch.Tensor, state: ExitState) -> StepOutput:
+    """``strategy.exit_step`` with its output's shape checked (ExitOutputError names the exit)."""
+    out = strategy.exit_step(j, features, state)
+    problem = _step_problem(out, int(features.shape[0]))
+    if problem:
+        from eebench.trace import ExitOutputError
+
+        raise ExitOutputError(f"exit strategy {type(strategy).__name__}: exit_step({j}) {problem}")
+    return out
+
+
+def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
+    """[B] or [P, B] per exit -> [E, B] or [P, E, B] (a [B] exit is shared by every variant)."""
+    variants = max((p.shape[0] for p in parts if p.ndim == 2), default=0)
+    if not variants:
+        return torch.stack(parts)
+    return torch.stack([p if p.ndim == 2 else p[None].expand(variants, -1) for p in parts], dim=1)
+
+
+@torch.no_grad()
+def run_all_exits(strategy: ExitStrategy, x: torch.Tensor) -> tuple[ExitOutputs, list[torch.Tensor | None]]:
+    """Every exit's outputs for every row of ``x`` (stages run once), and each exit's ``detail``."""
+    state = strategy.init_state(x)
+    stages = strategy.backbone.stages
+    h, done = x, -1
+    preds, scores, details = [], [], []
+    for j, tap in enumerate(exit_stages(strategy)):
+        for index in range(done + 1, tap + 1):
+            h = stages[index](h)
+        done = tap
+        out = checked_step(strategy, j, h, state)
+        preds.append(out.preds)
+        scores.append(out.scores.double())
+        details.append(out.detail)
+    return ExitOutputs(_stack(preds), _stack(scores)), details
+
+
+def pick_variant(out: StepOutput, variant: torch.Tensor | None) -> StepOutput:
+    """One variant's outputs per row: ``variant`` [B] picks a row of [P, B] outputs."""
+    if out.preds.ndim == 1:
+        return out
+    index = (variant if variant is not None else torch.zeros(out.preds.shape[1], dtype=torch.long,
+                                                                device=out.preds.device))[None]
+    return StepOutput(out.preds.gather(0, index)[0], out.scores.gather(0, index)[0], out.detail)
+
+
+def _take(state: ExitState, rows: torch.Tensor) -> ExitState:
+    return {key: value[rows] for key, value in state.items()}
+
+
+def _channels_last(h: torch.Tensor) -> torch.Tensor:
+    return h.contiguous(memory_format=torch.channels_last) if h.ndim == 4 else h
+
+
+@torch.no_grad()
+def run_early_exit(strategy: ExitStrategy, x: torch.Tensor, thresholds: torch.Tensor,
+                   variant: torch.Tensor | None = None, *, compact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The early-exit network on a batch: ([B] exit index, [B] prediction) of every row.
+
+    ``thresholds`` [B, E-1] (float64, +inf = exit off for that row) and ``variant`` [B] (the rule
+    variant each row runs) may differ per row, which is how a φ policy mixes two hull vertices.
+    ``compact``: rows that leave drop out of the batch and the survivors alone run on (batch 1
+    is this with B = 1: it stops at the first exit that fires). Otherwise (masking) the whole
+    batch runs every stage until every row has left; rows that left are only ignored.
+    An early exit that no running row has on is skipped (its head is not run), unless the
+    method is ``chained``, as the MAC model assumes.
+    """
+    rows = int(x.shape[0])
+    device = x.device
+    taps = exit_stages(strategy)
+    final = len(taps) - 1
+    stages = strategy.backbone.stages
+    exit_index = torch.full((rows,), final, dtype=torch.long, device=device)
+    preds = torch.zeros(rows, dtype=torch.long, device=device)
+    live = torch.arange(rows, device=device)  # original row of each row of h
+    pending = torch.ones(rows, dtype=torch.bool, device=device)  # masking: not left yet
+    limits = thresholds.to(device=device, dtype=torch.float64)
+    variants = None if variant is None else variant.to(device)
+    state = strategy.init_state(x)
+    h, done = x, -1
+    for j, tap in enumerate(taps):
+        for index in range(done + 1, tap + 1):
+            h = stages[index](h)
+        done = tap
+        if j == final:
+            on = pending if not compact else None
+            limit = torch.full((h.shape[0],), INF, dtype=torch.float64, device=device)
+            ask = None
+        else:
+            limit = limits[:, j]
+            on = limit != INF
+            if not compact:
+                on &= pending
+            if not strategy.chained and not bool(on.any()):
+                continue
+            ask = None if strategy.chained or not compact or bool(on.all()) else on.nonzero()[:, 0]
+        if ask is None:
+            sub_state, out = state, strategy.exit_step(j, h, state)
+            sub_limit, sub_variant = limit, variants
+        else:
+            sub_state = _take(state, ask)
+            out = strategy.exit_step(j, h[ask], sub_state)
+            sub_limit, sub_variant = limit[ask], None if variants is None else variants[ask]
+        fires, picked = strategy.decide(j, pick_variant(out, sub_variant), sub_limit, sub_state)
+        if ask is not None:
+            for key, value in sub_state.items():
+                state[key][ask] = value
+        asked = torch.arange(h.shape[0], device=device) if ask is None else ask
+        if ask is None and on is not None:
+            fires = fires & on  # rows whose exit is off (chained), or that left already (masking)
+        leaving = asked[fires]
+        exit_index[live[leaving]] = j
+        preds[live[leaving]] = picked[fires]
+        if j == final:
+            break
+        if compact:
+            if leaving.numel():
+                keep = torch.ones(h.shape[0], dtype=torch.bool, device=device)
+                keep[leaving] = False
+                if not bool(keep.any()):
+                    break
+                h, live, limits = _channels_last(h[keep]), live[keep], limits[keep]
+                variants = None if variants is None else variants[keep]
+                state = _take(state, keep)
+        else:
+            pending[leaving] = False
+            if not bool(pending.any()):
+                break
+    return exit_index, preds
