@@ -60,30 +60,72 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _batches(images: torch.Tensor, batch_size: int) -> list[tuple[int, torch.Tensor]]:
+    return [(start, images[start : start + batch_size]) for start in range(0, int(images.shape[0]), batch_size)]
+
+
+def _pass(run: Callable[[torch.Tensor, int], object], batches: list[tuple[int, torch.Tensor]],
+          device: torch.device) -> float:
+    """Seconds of one timed pass over the stream."""
+    tick = time.perf_counter()
+    for start, x in batches:
+        run(x, start)
+    _sync(device)
+    return time.perf_counter() - tick
+
+
+def _warm(run: Callable[[torch.Tensor, int], object], batches: list[tuple[int, torch.Tensor]], warmup: int,
+          device: torch.device) -> None:
+    head = batches[: max(1, 64 // len(batches[0][1]) if len(batches[0][1]) < 64 else 4)]
+    for _ in range(warmup):
+        for start, x in head:
+            run(x, start)
+    _sync(device)
+
+
+def _summary(seconds: list[float], count: int, batch_size: int) -> dict[str, Any]:
+    per_sample = torch.tensor(seconds, dtype=torch.float64) / count * 1000.0
+    q1, median, q3 = (float(q) for q in per_sample.quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)))
+    return {"batch_size": batch_size, "samples": count, "repeats": len(seconds), "ms_per_sample": median,
+            "iqr_ms": [q1, q3], "samples_per_s": 1000.0 / median}
+
+
 def time_stream(run: Callable[[torch.Tensor, int], object], images: torch.Tensor, batch_size: int,
                 repeats: int, warmup: int, device: torch.device) -> dict[str, Any]:
     """Median and IQR (over ``repeats`` passes) of the time per sample of ``run`` over ``images``
     in batches of ``batch_size``, after ``warmup`` passes over the stream's first batches."""
-    count = int(images.shape[0])
-    batches = [(start, images[start : start + batch_size]) for start in range(0, count, batch_size)]
-    head = batches[: max(1, 64 // batch_size if batch_size < 64 else 4)]
+    batches = _batches(images, batch_size)
     with torch.inference_mode():
-        for _ in range(warmup):
-            for start, x in head:
-                run(x, start)
-        _sync(device)
-        per_sample = []
-        for _ in range(repeats):
-            tick = time.perf_counter()
-            for start, x in batches:
-                run(x, start)
-            _sync(device)
-            per_sample.append((time.perf_counter() - tick) / count * 1000.0)
-    values = torch.tensor(per_sample, dtype=torch.float64)
-    median = float(values.median()) if repeats % 2 else float(values.quantile(0.5))
-    q1, q3 = (float(q) for q in values.quantile(torch.tensor([0.25, 0.75], dtype=torch.float64)))
-    return {"batch_size": batch_size, "samples": count, "repeats": repeats, "ms_per_sample": median,
-            "iqr_ms": [q1, q3], "samples_per_s": 1000.0 / median}
+        _warm(run, batches, warmup, device)
+        seconds = [_pass(run, batches, device) for _ in range(repeats)]
+    return _summary(seconds, int(images.shape[0]), batch_size)
+
+
+def time_against(plain: Callable[[torch.Tensor, int], object], run: Callable[[torch.Tensor, int], object],
+                 images: torch.Tensor, batch_size: int, repeats: int, warmup: int,
+                 device: torch.device) -> dict[str, Any]:
+    """``run``'s timing (as ``time_stream``) with its speedup over ``plain`` measured in pairs: each
+    repeat times one pass of both, back to back (alternating which goes first), and the speedup is the
+    median of the per-pair ratios, so a machine that drifts between passes moves both alike."""
+    batches = _batches(images, batch_size)
+    ratios, seconds = [], []
+    with torch.inference_mode():
+        _warm(plain, batches, warmup, device)
+        _warm(run, batches, warmup, device)
+        for repeat in range(repeats):
+            if repeat % 2:
+                mine = _pass(run, batches, device)
+                theirs = _pass(plain, batches, device)
+            else:
+                theirs = _pass(plain, batches, device)
+                mine = _pass(run, batches, device)
+            seconds.append(mine)
+            ratios.append(theirs / mine)
+    timing = _summary(seconds, int(images.shape[0]), batch_size)
+    values = torch.tensor(ratios, dtype=torch.float64)
+    q1, median, q3 = (float(q) for q in values.quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)))
+    timing.update(speedup=median, speedup_iqr=[q1, q3])
+    return timing
 
 
 def mode_key(mode: str, batch_size: int) -> str:
@@ -119,9 +161,8 @@ def bench_strategy(strategy: ExitStrategy, result: dict[str, Any], images: torch
             count = int(stream.shape[0])
             network = EarlyExitNetwork(strategy, policy, count, device)
             for mode in (["batch1"] if size == 1 else ["compact", "masked"] if settings.masked else ["compact"]):
-                timing = time_stream(lambda x, start, n=network, m=mode: n.run(x, start, m), stream, size,
-                                     settings.repeats, settings.warmup, device)
-                timing["speedup"] = plain[str(size)]["ms_per_sample"] / timing["ms_per_sample"]
+                timing = time_against(backbone, lambda x, start, n=network, m=mode: n.run(x, start, m), stream,
+                                      size, settings.repeats, settings.warmup, device)
                 timing["mac_speedup"] = 1.0 / float(paid[:count].mean())  # on the same samples
                 modes[mode_key(mode, size)] = timing
         policies[key] = {"mac_cost": float(paid.mean()), "mac_speedup": 1.0 / float(paid.mean()),

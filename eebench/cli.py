@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("run_dir")
     bench.add_argument("--batch-sizes", help="comma-separated, e.g. 1,256 (1 = one sample at a time)")
     bench.add_argument("--targets", help="φ policies to time, e.g. 0.25,0.5 (default: the suite's)")
-    bench.add_argument("--samples", type=int, help="test samples streamed at batch sizes > 1 (0 = all; default 2000)")
+    bench.add_argument("--samples", type=int, help="test samples streamed at batch sizes > 1 (0 = all; default 1024)")
     bench.add_argument("--batch1-samples", type=int, help="test samples streamed at batch 1 (default 300)")
     bench.add_argument("--repeats", type=int, help="timed passes per measurement (default 5)")
     bench.add_argument("--threads", type=int, help="torch CPU threads while timing (default: unchanged)")

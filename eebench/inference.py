@@ -22,7 +22,7 @@ import torch
 from eebench.costs import ExitCosts
 from eebench.errors import EebenchError
 from eebench.policy import runs_high
-from eebench.stepping import run_early_exit
+from eebench.stepping import ExitPlan, run_early_exit, run_one
 from eebench.strategy import ExitStrategy
 
 MODES = ("batch1", "compact", "masked")
@@ -130,14 +130,23 @@ class EarlyExitNetwork:
     def __init__(self, strategy: ExitStrategy, policy: ExitPolicy, count: int, device: torch.device | str) -> None:
         self.strategy, self.policy = strategy, policy
         strategy.eval()
+        self.plan = ExitPlan(strategy)
         thresholds, variants = policy.rows(0, count)
         self.thresholds, self.variants = thresholds.to(device), variants.to(device)
+        self.rows = thresholds.tolist()  # batch 1 decides on Python floats
+        self.single_variants = [variants[i : i + 1].to(device) for i in range(count)] if policy.low_variant \
+            or policy.high_variant else None
 
     @torch.inference_mode()
-    def run(self, x: torch.Tensor, start: int, mode: str = "compact") -> tuple[torch.Tensor, torch.Tensor]:
-        """([B] exit index, [B] prediction) of the samples at positions start..start+B-1."""
+    def run(self, x: torch.Tensor, start: int, mode: str = "compact") -> tuple[torch.Tensor, torch.Tensor] | tuple[
+            int, int]:
+        """The samples at positions start..start+B-1: ([B] exit index, [B] prediction) in a batched mode,
+        (exit index, prediction) for the one sample of mode ``batch1``."""
+        if mode == "batch1":
+            return run_one(self.plan, x, self.rows[start],
+                           None if self.single_variants is None else self.single_variants[start])
         stop = start + int(x.shape[0])
-        return run_early_exit(self.strategy, x, self.thresholds[start:stop], self.variants[start:stop],
+        return run_early_exit(self.plan, x, self.thresholds[start:stop], self.variants[start:stop],
                               compact=mode != "masked")
 
     def predict(self, images: torch.Tensor, batch_size: int, mode: str = "compact") -> tuple[torch.Tensor,
@@ -145,10 +154,12 @@ class EarlyExitNetwork:
         """Exit indices and predictions of the stream ``images`` (its first ``count`` samples)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        size = 1 if mode == "batch1" else batch_size
+        if mode == "batch1":
+            pairs = [self.run(images[i : i + 1], i, mode) for i in range(int(images.shape[0]))]
+            return torch.tensor([e for e, _ in pairs]), torch.tensor([p for _, p in pairs])
         exits, preds = [], []
-        for start in range(0, int(images.shape[0]), size):
-            e, p = self.run(images[start : start + size], start, mode)
+        for start in range(0, int(images.shape[0]), batch_size):
+            e, p = self.run(images[start : start + batch_size], start, mode)
             exits.append(e)
             preds.append(p)
         return torch.cat(exits).cpu(), torch.cat(preds).cpu()

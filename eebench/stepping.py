@@ -86,8 +86,60 @@ def _channels_last(h: torch.Tensor) -> torch.Tensor:
     return h.contiguous(memory_format=torch.channels_last) if h.ndim == 4 else h
 
 
+class ExitPlan:
+    """What the executor needs of a strategy, looked up once: the stages between consecutive exits,
+    and whether the method keeps the default threshold rule (then batch 1 decides on Python floats)."""
+
+    def __init__(self, strategy: ExitStrategy) -> None:
+        stages = list(strategy.backbone.stages)
+        self.strategy = strategy
+        self.segments: list[list[torch.nn.Module]] = []
+        done = -1
+        for tap in exit_stages(strategy):
+            self.segments.append(stages[done + 1 : tap + 1])
+            done = tap
+        self.final = len(self.segments) - 1
+        self.chained = bool(strategy.chained)
+        self.strict = bool(strategy.strict)
+        self.default_rule = type(strategy).decide is ExitStrategy.decide
+
+
+def _run(segment: list[torch.nn.Module], h: torch.Tensor) -> torch.Tensor:
+    for stage in segment:
+        h = stage(h)
+    return h
+
+
 @torch.no_grad()
-def run_early_exit(strategy: ExitStrategy, x: torch.Tensor, thresholds: torch.Tensor,
+def run_one(plan: ExitPlan, x: torch.Tensor, limits: list[float], variant: torch.Tensor | None = None) -> tuple[int,
+                                                                                                             int]:
+    """Batch 1: (exit index, prediction) of the one sample ``x``, stopping at the first exit that fires.
+    ``limits`` are its thresholds as floats; ``variant`` [1] its rule variant (None: the only one)."""
+    strategy = plan.strategy
+    state = strategy.init_state(x)
+    h = x
+    for j, segment in enumerate(plan.segments):
+        h = _run(segment, h)
+        final = j == plan.final
+        if not final and limits[j] == INF and not plan.chained:
+            continue
+        out = pick_variant(strategy.exit_step(j, h, state), variant)
+        if plan.default_rule:
+            if final:
+                return j, int(out.preds[0])
+            score = float(out.scores[0])  # exact: float64 comparisons, as exit_fires and the trace make
+            if score != -INF and (score > limits[j] if plan.strict else score >= limits[j]):
+                return j, int(out.preds[0])
+            continue
+        limit = torch.full((1,), INF if final else limits[j], dtype=torch.float64, device=x.device)
+        fires, picked = strategy.decide(j, out, limit, state)
+        if final or bool(fires[0]):
+            return j, int(picked[0])
+    raise AssertionError("the final exit always fires")
+
+
+@torch.no_grad()
+def run_early_exit(strategy: ExitStrategy | ExitPlan, x: torch.Tensor, thresholds: torch.Tensor,
                    variant: torch.Tensor | None = None, *, compact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The early-exit network on a batch: ([B] exit index, [B] prediction) of every row.
 
@@ -99,35 +151,44 @@ def run_early_exit(strategy: ExitStrategy, x: torch.Tensor, thresholds: torch.Te
     An early exit that no running row has on is skipped (its head is not run), unless the
     method is ``chained``, as the MAC model assumes.
     """
+    plan = strategy if isinstance(strategy, ExitPlan) else ExitPlan(strategy)
+    strategy = plan.strategy
     rows = int(x.shape[0])
     device = x.device
-    taps = exit_stages(strategy)
-    final = len(taps) - 1
-    stages = strategy.backbone.stages
+    final = plan.final
     exit_index = torch.full((rows,), final, dtype=torch.long, device=device)
     preds = torch.zeros(rows, dtype=torch.long, device=device)
-    live = torch.arange(rows, device=device)  # original row of each row of h
-    pending = torch.ones(rows, dtype=torch.bool, device=device)  # masking: not left yet
     limits = thresholds.to(device=device, dtype=torch.float64)
+    enabled = limits != INF
+    always = enabled.all(0).tolist()  # per exit: every row has it on (no per-exit check needed)
+    never = (~enabled.any(0)).tolist()  # per exit: no row has it on (skipped unless chained)
+    live = torch.arange(rows, device=device)  # original row of each row of h
+    pending = None if compact else torch.ones(rows, dtype=torch.bool, device=device)  # masking: not left yet
     variants = None if variant is None else variant.to(device)
     state = strategy.init_state(x)
-    h, done = x, -1
-    for j, tap in enumerate(taps):
-        for index in range(done + 1, tap + 1):
-            h = stages[index](h)
-        done = tap
+    h = x
+    for j, segment in enumerate(plan.segments):
+        h = _run(segment, h)
         if j == final:
-            on = pending if not compact else None
-            limit = torch.full((h.shape[0],), INF, dtype=torch.float64, device=device)
-            ask = None
+            on, limit, ask = pending, torch.full((h.shape[0],), INF, dtype=torch.float64, device=device), None
         else:
-            limit = limits[:, j]
-            on = limit != INF
-            if not compact:
-                on &= pending
-            if not strategy.chained and not bool(on.any()):
+            if never[j] and not plan.chained:
                 continue
-            ask = None if strategy.chained or not compact or bool(on.all()) else on.nonzero()[:, 0]
+            limit, ask = limits[:, j], None
+            if plan.chained:  # every row is asked; rows with the exit off only may not leave
+                on = None if always[j] and compact else enabled[:, j] if compact else enabled[:, j] & pending
+            elif compact:  # only the rows with the exit on are asked
+                on = None
+                if not always[j]:
+                    mask = enabled[:, j]
+                    if not bool(mask.any()):
+                        continue
+                    if not bool(mask.all()):
+                        ask = mask.nonzero()[:, 0]
+            else:  # masked: the whole batch is asked; rows that left or have the exit off may not leave
+                on = enabled[:, j] & pending
+                if not bool(on.any()):
+                    continue
         if ask is None:
             sub_state, out = state, strategy.exit_step(j, h, state)
             sub_limit, sub_variant = limit, variants
@@ -139,24 +200,27 @@ def run_early_exit(strategy: ExitStrategy, x: torch.Tensor, thresholds: torch.Te
         if ask is not None:
             for key, value in sub_state.items():
                 state[key][ask] = value
-        asked = torch.arange(h.shape[0], device=device) if ask is None else ask
-        if ask is None and on is not None:
-            fires = fires & on  # rows whose exit is off (chained), or that left already (masking)
-        leaving = asked[fires]
-        exit_index[live[leaving]] = j
-        preds[live[leaving]] = picked[fires]
+            leaving = ask[fires]
+        else:
+            if on is not None:
+                fires = fires & on  # rows whose exit is off (chained), or that left already (masking)
+            leaving = fires.nonzero()[:, 0]
+        count = int(leaving.numel())
+        if count:
+            exit_index[live[leaving]] = j
+            preds[live[leaving]] = picked[fires]
         if j == final:
             break
         if compact:
-            if leaving.numel():
+            if count == h.shape[0]:
+                break
+            if count:
                 keep = torch.ones(h.shape[0], dtype=torch.bool, device=device)
                 keep[leaving] = False
-                if not bool(keep.any()):
-                    break
-                h, live, limits = _channels_last(h[keep]), live[keep], limits[keep]
+                h, live, limits, enabled = _channels_last(h[keep]), live[keep], limits[keep], enabled[keep]
                 variants = None if variants is None else variants[keep]
                 state = _take(state, keep)
-        else:
+        elif count:
             pending[leaving] = False
             if not bool(pending.any()):
                 break

@@ -154,7 +154,7 @@ class LatencySpec(BaseModel):
 
     batch_sizes: list[Count] = Field(default_factory=lambda: [1, 256], min_length=1)
     targets: list[float] | None = None
-    samples: int = Field(2000, ge=0)
+    samples: int = Field(1024, ge=0)
     batch1_samples: Count = 300
     repeats: Count = 5
     warmup: int = Field(1, ge=0)

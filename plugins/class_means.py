@@ -89,14 +89,28 @@ class ClassMeansExit(nn.Module):
     @property
     def means(self) -> torch.Tensor:
         """Class means [K, D]; a class the budget never showed gets NaN (never predicted)."""
-        return self.sums / self.counts[:, None]
+        return self._derived()[0]
+
+    def _derived(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """Means, their transpose, squared norms [1, K] and whether any class is unseen: computed once per
+        change of the statistics (the buffers' version counters), not at every call, so that an exit at
+        batch 1 runs only the work that depends on the sample."""
+        key = (self.sums._version, self.counts._version, self.sums.data_ptr(), self.counts.data_ptr())
+        cached = getattr(self, "_cache", None)
+        if cached is None or cached[0] != key:
+            means = self.sums / self.counts[:, None]
+            cached = (key, (means, means.T, (means * means).sum(1)[None], bool(torch.isnan(means).any())))
+            self._cache = cached
+        return cached[1]
 
     def distances(self, x: torch.Tensor) -> torch.Tensor:
         """Raw Euclidean distances [B, K] (float64, via the expanded square)."""
         feats = self.features(x)
-        means = self.means
-        squared = (feats * feats).sum(1, keepdim=True) - 2 * feats @ means.T + (means * means).sum(1)[None]
+        _, means_t, means_squared, unseen = self._derived()
+        squared = (feats * feats).sum(1, keepdim=True) - 2 * feats @ means_t + means_squared
         distance = squared.clamp_min(0).sqrt()
+        if not unseen:  # NaN comes only from an unseen class's mean
+            return distance
         return torch.where(torch.isnan(distance), torch.full_like(distance, float("inf")), distance)
 
     def overhead_macs(self, num_classes: int) -> float:
