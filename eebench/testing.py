@@ -24,8 +24,8 @@ harness relies on:
     normalised; an exit set to +inf in any calibrated vector takes no sample; the traces'
     ``strict`` / ``chained`` flags are the method's;
 ``executor``
-    the real early-exit network (``eebench.stepping.run_early_exit``: batched with compaction,
-    batched with masking, and batch 1 on the first samples) sends every test sample to the exit
+    the real early-exit network (``eebench.stepping.run_early_exit`` batched with compaction and
+    with masking, and ``run_one``, batch 1, on the first samples) sends every test sample to the exit
     the test trace says (``ExitTrace.outcome``), right or wrong as the trace says, with the
     trace's prediction (its exit's, or the trace's ``predictions(thresholds)`` where it has one; a
     trace with its own ``outcome`` rule and no ``predictions`` is compared by correctness only),
@@ -54,6 +54,15 @@ method; success returns a :class:`ConformanceReport`. In a plugin's test suite::
 
     def test_conformance():
         check_exit_strategy("myexit")              # or check_exit_strategy(MyExit, {"lr": 1e-3})
+
+The executor and state checks are also public helpers, for a plugin's own exactness tests on
+strategies and data of its choosing: :func:`threshold_vectors` (per-exit score quantiles),
+:func:`executor_outcome` (one mode of the executor), :func:`assert_executor_matches` (every
+mode, vector and variant against the traces), :func:`assert_same_traces` and
+:func:`assert_state_reloads` (``state_dict()`` through ``torch.save`` into a fresh strategy)::
+
+    traces = compute_traces(strategy, test, batch_size=100, device="cpu")
+    assert_executor_matches(strategy, traces, test.images)
 """
 
 from __future__ import annotations
@@ -65,7 +74,7 @@ import json
 import math
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -81,12 +90,26 @@ from eebench.costs import ExitCosts
 from eebench.datasets import DatasetBundle, TensorImageDataset, dataset_labels, seeded_subset_indices, take
 from eebench.plugins import Registry, default_registry
 from eebench.runner import Runner
-from eebench.stepping import run_early_exit
+from eebench.stepping import ExitPlan, run_early_exit, run_one
 from eebench.strategy import ExitStrategy, MethodReport, StepOutput
 from eebench.suite import BackboneSpec, DatasetSpec, MethodSpec, PluginRef, Recipe, Suite, check_plugins, expand
 from eebench.trace import ExitTrace, compute_traces, output_values_problem, trace_problem
 
-__all__ = ["CHECKS", "ConformanceError", "ConformanceReport", "TestSplitSentinel", "check_exit_strategy"]
+__all__ = [
+    "CHECKS",
+    "MODES",
+    "ConformanceError",
+    "ConformanceReport",
+    "TestSplitSentinel",
+    "assert_executor_matches",
+    "assert_same_traces",
+    "assert_state_reloads",
+    "check_exit_strategy",
+    "executor_outcome",
+    "same_traces_problem",
+    "saved_state",
+    "threshold_vectors",
+]
 
 #: Every check, in the order a run reports them.
 CHECKS = ("outputs", "report", "costs", "exits-off", "executor", "state", "budget", "test-isolation",
@@ -181,6 +204,238 @@ def _reader() -> str:
             continue
         return f"{frame.filename}:{frame.lineno} in {frame.name}"
     return "unknown"
+
+
+# ------------------------------------------------------------------------------- exactness helpers
+
+#: The executor's modes: batches with compaction and with masking (``run_early_exit``), and batch 1 (``run_one``).
+MODES = ("compact", "masked", "batch1")
+_MODE_NAMES = {"compact": "compact", "masked": "masked", "batch1": "batch 1"}
+
+Vectors = Sequence[torch.Tensor] | Callable[[int, ExitTrace], Sequence[torch.Tensor]]
+
+
+def threshold_vectors(trace: ExitTrace, quantiles: Sequence[float] = (0.3, 0.6, 0.9)) -> list[torch.Tensor]:
+    """Threshold vectors ([E-1] float64 each) that make ``trace``'s samples leave at several exits.
+
+    One vector per quantile: at each early exit, the midpoint between the two adjacent distinct
+    finite scores at that quantile (so no score sits on a threshold; one finite score gives that
+    score, none gives +inf); then the middle quantile's vector with the first exit off (+inf).
+    """
+    vectors = []
+    for q in quantiles:
+        row = []
+        for scores in trace.scores[:-1]:
+            values = torch.unique(scores[torch.isfinite(scores)])  # sorted, distinct
+            if len(values) < 2:
+                row.append(float(values[0]) if len(values) else math.inf)
+                continue
+            k = min(int(q * (len(values) - 1)), len(values) - 2)
+            row.append(float((values[k] + values[k + 1]) / 2))
+        vectors.append(torch.tensor(row, dtype=torch.float64))
+    if vectors and trace.num_exits > 1:
+        off = vectors[len(vectors) // 2].clone()
+        off[0] = math.inf
+        vectors.append(off)
+    return vectors
+
+
+def executor_outcome(strategy: ExitStrategy, images: torch.Tensor, thresholds: torch.Tensor,
+                     variant: torch.Tensor | None, mode: str, batch_size: int = 64,
+                     device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The real early-exit network on ``images``: ([N] exit index, [N] prediction), on the CPU.
+
+    ``thresholds`` [N, E-1] and ``variant`` [N] (None: the only variant) are per row. ``mode``:
+    ``"compact"`` or ``"masked"`` runs ``eebench.stepping.run_early_exit`` on batches of
+    ``batch_size`` with compaction or masking; ``"batch1"`` runs ``eebench.stepping.run_one``
+    (the batch-1 fast path ``eebench.inference`` serves and ``eebench bench`` times) one sample at a
+    time. The strategy's train/eval mode is the caller's (exactness needs ``strategy.eval()``).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown executor mode {mode!r}; expected one of {', '.join(MODES)}")
+    plan = ExitPlan(strategy)
+    rows = int(images.shape[0])
+    if mode == "batch1":
+        limits = thresholds.double().tolist()
+        outcomes = [run_one(plan, images[i : i + 1].to(device), limits[i],
+                            None if variant is None else variant[i : i + 1].to(device)) for i in range(rows)]
+        return (torch.tensor([e for e, _ in outcomes], dtype=torch.long).reshape(rows),
+                torch.tensor([p for _, p in outcomes], dtype=torch.long).reshape(rows))
+    exits, preds = [], []
+    for start in range(0, rows, batch_size):
+        part = slice(start, start + batch_size)
+        e, p = run_early_exit(plan, images[part].to(device), thresholds[part],
+                              None if variant is None else variant[part].to(device), compact=mode == "compact")
+        exits.append(e.cpu())
+        preds.append(p.cpu())
+    return torch.cat(exits), torch.cat(preds)
+
+
+def _show(vector: torch.Tensor) -> str:
+    return "[" + ", ".join("off" if t == math.inf else f"{float(t):.4g}" for t in vector) + "]"
+
+
+def _executor_cases(traces: Sequence[ExitTrace], rows: int, vectors: Vectors | None,
+                    mix: tuple[int, int]) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """(label, [N, E-1] thresholds, [N] variant or None) of every vector of every variant, then the
+    rows alternating between vector ``mix[0]`` of the first variant and ``mix[1]`` of the last."""
+    several = len(traces) > 1
+
+    def of(v: int) -> list[torch.Tensor]:
+        if vectors is None:
+            return threshold_vectors(traces[v])
+        picked = vectors(v, traces[v]) if callable(vectors) else vectors
+        return [torch.as_tensor(t, dtype=torch.float64) for t in picked]
+
+    def variant_of(v: int) -> torch.Tensor | None:
+        return torch.full((rows,), v, dtype=torch.long) if several else None
+
+    cases = []
+    for v in range(len(traces)):
+        cases += [(f"variant {v}, thresholds {_show(t)}", t.expand(rows, -1), variant_of(v)) for t in of(v)]
+    first, last = of(0), of(len(traces) - 1)
+    if first and last:
+        low, high = first[min(mix[0], len(first) - 1)], last[min(mix[1], len(last) - 1)]
+        odd = torch.arange(rows) % 2 == 1
+        cases.append((f"rows alternating variant 0 at {_show(low)} and variant {len(traces) - 1} at {_show(high)}",
+                      torch.where(odd[:, None], high[None], low[None]),
+                      odd.long() * (len(traces) - 1) if several else None))
+    return cases
+
+
+def _expected(traces: Sequence[ExitTrace], thresholds: torch.Tensor,
+              variant: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """[N] exit index, prediction (None where a trace cannot say) and correctness the traces give
+    each row under its own thresholds and variant."""
+    exits = torch.empty(thresholds.shape[0], dtype=torch.long)
+    preds: torch.Tensor | None = torch.empty_like(exits)
+    correct = torch.empty_like(exits, dtype=torch.bool)
+    variant = torch.zeros_like(exits) if variant is None else variant
+    for (v, values), rows in _groups(thresholds, variant).items():
+        trace, vector = traces[v], torch.tensor([values], dtype=torch.float64)
+        first, right = trace.outcome(vector)
+        exits[rows], correct[rows] = first[0, rows], right[0, rows]
+        if type(trace).outcome is not ExitTrace.outcome and type(trace).predictions is ExitTrace.predictions:
+            preds = None  # its own rule, and no word on the class it answers: compared by correctness only
+        elif preds is not None:
+            preds[rows] = trace.predictions(vector)[0, rows]
+    return exits, preds, correct
+
+
+def _groups(thresholds: torch.Tensor, variant: torch.Tensor) -> dict[tuple[int, tuple[float, ...]], torch.Tensor]:
+    """Rows grouped by (variant, threshold vector)."""
+    keys = [(int(v), tuple(row.tolist())) for v, row in zip(variant, thresholds, strict=True)]
+    return {key: torch.tensor([i for i, k in enumerate(keys) if k == key]) for key in dict.fromkeys(keys)}
+
+
+def _executor_problem(strategy: ExitStrategy, traces: Sequence[ExitTrace], images: torch.Tensor,
+                      vectors: Vectors | None, mix: tuple[int, int], batch_size: int, batch1_samples: int,
+                      device: str | torch.device,
+                      against: str) -> tuple[str | None, Exception | None, int]:
+    """The first disagreement of the executor with ``traces`` (or None), the exception the executor
+    raised (or None), and how many (case, row) pairs the traces send out before the final exit."""
+    rows = int(images.shape[0])
+    labels = traces[0].labels
+    strategy.eval()
+    early = 0
+    for what, thresholds, variant in _executor_cases(traces, rows, vectors, mix):
+        want_exits, want_preds, want_correct = _expected(traces, thresholds, variant)
+        early += int((want_exits < traces[0].num_exits - 1).sum())
+        for mode in MODES:
+            n = min(batch1_samples, rows) if mode == "batch1" else rows
+            runner = "run_one" if mode == "batch1" else "run_early_exit"
+            where = f"{runner} ({_MODE_NAMES[mode]}, {what})"
+            try:
+                exits, preds = executor_outcome(strategy, images[:n], thresholds[:n],
+                                                None if variant is None else variant[:n], mode, batch_size, device)
+            except ConformanceError:
+                raise
+            except Exception as exc:
+                return f"{where} raised {type(exc).__name__}: {exc}", exc, early
+            wrong = (exits != want_exits[:n]) | ((preds == labels[:n]) != want_correct[:n])
+            if want_preds is not None:
+                wrong |= preds != want_preds[:n]
+            if bool(wrong.any()):
+                i = int(wrong.nonzero()[0, 0])
+                trace_class = "" if want_preds is None else f", class {int(want_preds[i])}"
+                return (f"{where} disagrees with {against} on {int(wrong.sum())} of {n} samples (sample {i}: exit "
+                        f"{int(exits[i])}, class {int(preds[i])}, label {int(labels[i])}; the trace: exit "
+                        f"{int(want_exits[i])}{trace_class}, {'right' if want_correct[i] else 'wrong'})"), None, early
+    return None, None, early
+
+
+def assert_executor_matches(strategy: ExitStrategy, traces: Sequence[ExitTrace], images: torch.Tensor,
+                            vectors: Vectors | None = None, batch_size: int = 64, batch1_samples: int = 20, *,
+                            mix: tuple[int, int] = (0, 2), device: str | torch.device = "cpu") -> None:
+    """Assert that the real early-exit network takes exactly the decisions ``traces`` describe.
+
+    ``traces`` are ``strategy``'s traces (one per rule variant, e.g. ``compute_traces(strategy,
+    split, ...)``) and ``images`` their samples' images, in order (or the first of them). For every
+    variant and every threshold vector (``vectors``: a list shared by every variant, or
+    ``vectors(variant, trace)``; by default :func:`threshold_vectors` of that variant's trace),
+    and for one matrix whose rows alternate between vector ``mix[0]`` of the first variant and
+    vector ``mix[1]`` of the last (an index past the end takes the last vector), every mode of
+    :func:`executor_outcome` (``compact`` and ``masked`` in batches of ``batch_size``, ``batch1``
+    on the first ``batch1_samples`` images) must leave each row at the trace's exit
+    (``ExitTrace.outcome``) with the trace's prediction (``ExitTrace.predictions``; a trace with
+    its own ``outcome`` and no ``predictions`` is held to its correctness). Some row must leave
+    before the final exit under some vector, or the check would be vacuous.
+
+    Puts ``strategy`` in eval mode. Raises ``AssertionError`` naming the variant, the vector and
+    the mode of the first disagreement (or the exception the executor raised).
+    """
+    problem, raised, early = _executor_problem(strategy, traces, images, vectors, mix, batch_size, batch1_samples,
+                                               device, "the trace")
+    if problem:
+        raise AssertionError(problem) from raised
+    if not early:
+        raise AssertionError("no row leaves before the final exit under any threshold vector: the check is vacuous")
+
+
+def same_traces_problem(a: Sequence[ExitTrace], b: Sequence[ExitTrace]) -> str | None:
+    """What differs between two lists of traces (per variant: preds, labels, scores, exactly), or None."""
+    if len(a) != len(b):
+        return f"{len(a)} traces, then {len(b)}"
+    for variant, (x, y) in enumerate(zip(a, b, strict=True)):
+        for attr in ("preds", "labels", "scores"):
+            u, v = getattr(x, attr), getattr(y, attr)
+            if u.shape != v.shape:
+                return f"variant {variant}: {attr} {list(u.shape)}, then {list(v.shape)}"
+            if not torch.equal(u, v):
+                diff = (u != v).sum()
+                delta = ""
+                if attr == "scores":
+                    finite = torch.isfinite(u) & torch.isfinite(v)
+                    if bool(finite.any()):
+                        delta = f", max |difference| {float((u - v)[finite].abs().max()):.3g}"
+                return f"variant {variant}: {int(diff)} of {u.numel()} {attr} differ{delta}"
+    return None
+
+
+def assert_same_traces(a: Sequence[ExitTrace], b: Sequence[ExitTrace]) -> None:
+    """Assert that two lists of traces (one per variant) have exactly the same preds, labels and scores."""
+    problem = same_traces_problem(a, b)
+    if problem:
+        raise AssertionError(f"the traces differ: {problem}")
+
+
+def saved_state(strategy: ExitStrategy) -> dict[str, Any]:
+    """``strategy.state_dict()`` after a round trip through ``torch.save`` and
+    ``torch.load(weights_only=True, map_location="cpu")``, as ``eebench bench`` stores and loads it."""
+    buffer = io.BytesIO()
+    torch.save(strategy.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, map_location="cpu", weights_only=True)
+
+
+def assert_state_reloads(strategy: ExitStrategy, fresh: ExitStrategy, dataset: Dataset, *, batch_size: int = 100,
+                         device: str | torch.device = "cpu") -> None:
+    """Assert that ``fresh`` (a newly built strategy: same params and context), loaded with
+    ``strategy``'s :func:`saved_state`, gives the very same traces of ``dataset`` as ``strategy``."""
+    fresh.load_state_dict(saved_state(strategy))
+    ours = compute_traces(strategy, dataset, batch_size=batch_size, device=device)
+    theirs = compute_traces(fresh, dataset, batch_size=batch_size, device=device)
+    assert_same_traces(ours, theirs)
 
 
 # ------------------------------------------------------------------------------- small data
@@ -481,125 +736,27 @@ def _check_exits_off(probe: _Probe, run: _Run, costs: ExitCosts) -> None:
                                                       f"calibrated vector {vector.tolist()} still took {taken} samples")
 
 
-def _quantile_vector(scores: torch.Tensor, q: float) -> torch.Tensor:
-    """Per early exit, the midpoint between the two adjacent sorted finite test scores at quantile ``q``."""
-    vector = []
-    for row in scores[:-1]:
-        finite = row[torch.isfinite(row)].sort().values
-        if finite.numel() < 2:
-            vector.append(float(finite[0]) if finite.numel() else 0.0)
-            continue
-        i = min(int(q * (finite.numel() - 1)), finite.numel() - 2)
-        vector.append(float((finite[i] + finite[i + 1]) / 2))
-    return torch.tensor(vector, dtype=torch.float64)
-
-
 def _executor_vectors(result: dict[str, Any], trace: ExitTrace, variant: int) -> list[torch.Tensor]:
     """The threshold vectors the executor check runs: score quantiles, the first exit off, every exit off,
     and the first, middle and last calibrated hull vectors of the variant."""
     exits = trace.num_exits
-    vectors = [_quantile_vector(trace.scores, q) for q in QUANTILES]
-    first_off = vectors[1].clone()
-    first_off[0] = math.inf
     hull = _vectors(result, variant, exits)
     picked = sorted({0, len(hull) // 2, len(hull) - 1}) if len(hull) else []
-    return [*vectors, first_off, torch.full((exits - 1,), math.inf, dtype=torch.float64), *(hull[i] for i in picked)]
-
-
-def _trace_predictions(trace: ExitTrace, vector: torch.Tensor, first: torch.Tensor) -> torch.Tensor | None:
-    """[N] the class each sample leaves with under ``vector`` (``ExitTrace.predictions``), or None for a
-    trace with its own rule (``outcome``) that does not say which class it answers: compared by
-    correctness only."""
-    if type(trace).outcome is not ExitTrace.outcome and type(trace).predictions is ExitTrace.predictions:
-        return None
-    return trace.predictions(vector[None])[0]
-
-
-def _expected(traces: list[ExitTrace], thresholds: torch.Tensor,
-              variant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """[N] exit index, prediction (None where a trace cannot say) and correctness the test trace gives
-    each row under its own thresholds and variant."""
-    exits = torch.empty(thresholds.shape[0], dtype=torch.long)
-    preds: torch.Tensor | None = torch.empty_like(exits)
-    correct = torch.empty_like(exits, dtype=torch.bool)
-    for (v, values), rows in _groups(thresholds, variant).items():
-        vector = torch.tensor(values, dtype=torch.float64)
-        first, right = traces[v].outcome(vector[None])
-        exits[rows], correct[rows] = first[0, rows], right[0, rows]
-        picked = _trace_predictions(traces[v], vector, first[0])
-        if picked is None or preds is None:
-            preds = None
-        else:
-            preds[rows] = picked[rows]
-    return exits, preds, correct
-
-
-def _groups(thresholds: torch.Tensor, variant: torch.Tensor) -> dict[tuple[int, tuple[float, ...]], torch.Tensor]:
-    """Rows grouped by (variant, threshold vector)."""
-    keys = [(int(v), tuple(row.tolist())) for v, row in zip(variant, thresholds, strict=True)]
-    return {key: torch.tensor([i for i, k in enumerate(keys) if k == key]) for key in dict.fromkeys(keys)}
-
-
-def _run_executor(strategy: ExitStrategy, images: torch.Tensor, thresholds: torch.Tensor, variant: torch.Tensor,
-                  mode: str, batch_size: int, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``run_early_exit`` over ``images`` in ``mode`` (compact, masked, or batch 1), on the CPU afterwards."""
-    size = 1 if mode == "batch 1" else batch_size
-    exits, preds = [], []
-    for start in range(0, images.shape[0], size):
-        rows = slice(start, start + size)
-        e, p = run_early_exit(strategy, images[rows].to(device), thresholds[rows], variant[rows].to(device),
-                              compact=mode != "masked")
-        exits.append(e.cpu())
-        preds.append(p.cpu())
-    return torch.cat(exits), torch.cat(preds)
+    return [*threshold_vectors(trace, QUANTILES), torch.full((exits - 1,), math.inf, dtype=torch.float64),
+            *(hull[i] for i in picked)]
 
 
 def _check_executor(probe: _Probe, run: _Run, batch_size: int, device: str | torch.device) -> None:
-    strategy, traces = run.strategy, run.test
-    images, labels = probe.sentinel._images, probe.sentinel._labels
-    n = images.shape[0]
-    cases = [(f"variant {v}, thresholds {_show(vector)}", vector.expand(n, -1), torch.full((n,), v))
-             for v, trace in enumerate(traces) for vector in _executor_vectors(run.result, trace, v)]
-    low, high = _quantile_vector(traces[0].scores, QUANTILES[0]), _quantile_vector(traces[-1].scores, QUANTILES[-1])
-    odd = torch.arange(n) % 2 == 1
-    cases.append((f"rows alternating variant 0 at {_show(low)} and variant {len(traces) - 1} at {_show(high)}",
-                  torch.where(odd[:, None], high[None], low[None]), odd.long() * (len(traces) - 1)))
-    strategy.eval()
-    for what, thresholds, variant in cases:
-        want_exits, want_preds, want_correct = _expected(traces, thresholds, variant)
-        for mode in ("compact", "masked", "batch 1"):
-            rows = BATCH1_SAMPLES if mode == "batch 1" else n
-            try:
-                exits, preds = _run_executor(strategy, images[:rows], thresholds[:rows], variant[:rows], mode,
-                                             batch_size, device)
-            except ConformanceError:
-                raise
-            except Exception as exc:
-                raise probe.fail("executor", f"run_early_exit ({mode}, {what}) raised {type(exc).__name__}: "
-                                             f"{exc}") from exc
-            wrong = (exits != want_exits[:rows]) | ((preds == labels[:rows]) != want_correct[:rows])
-            if want_preds is not None:
-                wrong |= preds != want_preds[:rows]
-            if bool(wrong.any()):
-                i = int(wrong.nonzero()[0, 0])
-                trace_class = "" if want_preds is None else f", class {int(want_preds[i])}"
-                raise probe.fail("executor", f"run_early_exit ({mode}, {what}) disagrees with the test trace on "
-                                             f"{int(wrong.sum())} of {rows} samples (sample {i}: exit {int(exits[i])}, "
-                                             f"class {int(preds[i])}, label {int(labels[i])}; the trace: exit "
-                                             f"{int(want_exits[i])}{trace_class}, "
-                                             f"{'right' if want_correct[i] else 'wrong'})")
-
-
-def _show(vector: torch.Tensor) -> str:
-    return "[" + ", ".join("off" if t == math.inf else f"{float(t):.4g}" for t in vector) + "]"
+    problem, raised, _ = _executor_problem(run.strategy, run.test, probe.sentinel._images,
+                                           lambda v, trace: _executor_vectors(run.result, trace, v), (0, 2),
+                                           batch_size, BATCH1_SAMPLES, device, "the test trace")
+    if problem:
+        raise probe.fail("executor", problem) from raised
 
 
 def _check_state(probe: _Probe, run: _Run, batch_size: int, device: str | torch.device) -> None:
-    buffer = io.BytesIO()
     try:
-        torch.save(run.strategy.state_dict(), buffer)
-        buffer.seek(0)
-        state = torch.load(buffer, map_location="cpu", weights_only=True)
+        state = saved_state(run.strategy)
     except Exception as exc:
         raise probe.fail("state", f"state_dict() does not survive torch.save and torch.load(weights_only=True), "
                                   f"as eebench bench stores it: {type(exc).__name__}: {exc}") from exc
@@ -617,30 +774,11 @@ def _check_state(probe: _Probe, run: _Run, batch_size: int, device: str | torch.
     except Exception as exc:
         raise probe.fail("state", f"a fresh strategy (same params and context) loaded with state_dict() could not "
                                   f"run the test trace: {type(exc).__name__}: {exc}") from exc
-    detail = _same_traces(run.test, traces)
+    detail = same_traces_problem(run.test, traces)
     if detail:
         raise probe.fail("state", f"a fresh strategy (same params and context) loaded with state_dict() gives "
                                   f"another test trace: {detail}; keep what inference needs in modules() (as "
                                   "buffers) or override state_dict/load_state_dict")
-
-
-def _same_traces(a: list[ExitTrace], b: list[ExitTrace]) -> str | None:
-    if len(a) != len(b):
-        return f"{len(a)} traces, then {len(b)}"
-    for variant, (x, y) in enumerate(zip(a, b, strict=True)):
-        for attr in ("preds", "labels", "scores"):
-            u, v = getattr(x, attr), getattr(y, attr)
-            if u.shape != v.shape:
-                return f"variant {variant}: {attr} {list(u.shape)}, then {list(v.shape)}"
-            if not torch.equal(u, v):
-                diff = (u != v).sum()
-                delta = ""
-                if attr == "scores":
-                    finite = torch.isfinite(u) & torch.isfinite(v)
-                    if bool(finite.any()):
-                        delta = f", max |difference| {float((u - v)[finite].abs().max()):.3g}"
-                return f"variant {variant}: {int(diff)} of {u.numel()} {attr} differ{delta}"
-    return None
 
 
 _COMPARED = ("exits", "variants", "curve", "accuracy_at", "no_exit", "operating_points", "sizes", "backbone_macs")
@@ -648,7 +786,7 @@ _COMPARED = ("exits", "variants", "curve", "accuracy_at", "no_exit", "operating_
 
 def _check_determinism(probe: _Probe, first: _Run, second: _Run) -> None:
     for split in ("calibration", "test"):
-        detail = _same_traces(getattr(first, split), getattr(second, split))
+        detail = same_traces_problem(getattr(first, split), getattr(second, split))
         if detail:
             raise probe.fail("determinism", f"two fits with seed {first.result['seed']} gave different {split} "
                                             f"traces: {detail}")

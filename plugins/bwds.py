@@ -324,14 +324,6 @@ class BWDS(ExitStrategy):
         self.policies = DecisionFunctions(len(self.bank.stages), len(values), context.num_classes).to(context.device)
         self.phase_log: list[tuple[str, int]] = []  # (phase name, samples it received), in order
 
-    @property
-    def ic_stages(self) -> list[int]:
-        return self.bank.stages
-
-    @property
-    def ics(self) -> nn.ModuleList:
-        return self.bank.ics
-
     # -- the contract -------------------------------------------------------------------
 
     def modules(self) -> list[nn.Module]:

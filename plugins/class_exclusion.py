@@ -75,7 +75,6 @@ from eebench.api import (
     count_macs,
     exit_costs_at,
     seeded_modules,
-    stage_taps,
 )
 
 MAX_BETA = 0.99  # the β search's highest level and upper clamp
@@ -277,8 +276,13 @@ class ClassExclusion(ExitStrategy):
 
     def _forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every head's logits and the final logits, from one pass (the training loop's forward)."""
-        taps, out = stage_taps(self.backbone, x, self.exit_stages)
-        return [head(tap) for head, tap in zip(self.heads, taps, strict=True)], self.backbone.head(out)
+        heads, out = [], x
+        lookup = dict(zip(self.exit_stages, self.heads, strict=True))
+        for index, stage in enumerate(self.backbone.stages):
+            out = stage(out)
+            if index in lookup:  # each head right after its stage: the autograd order, hence the numbers,
+                heads.append(lookup[index](out))  # of the reference loop (stage_taps would reorder the sums)
+        return heads, self.backbone.head(out)
 
     def loss(self, head_logits: list[torch.Tensor], final_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """CE on the final output plus the weighted, pos-weighted BCE of every exclusion head."""

@@ -156,14 +156,6 @@ class E2CMSDN(ExitStrategy):
         self.statistics_seconds = 0.0  # wall time of the two statistics passes (whoever paid for them)
         self._fit_distances: tuple[Dataset, list[torch.Tensor]] | None = None  # (train split, its distances)
 
-    @property
-    def ic_stages(self) -> list[int]:
-        return self.bank.stages
-
-    @property
-    def ics(self) -> nn.ModuleList:
-        return self.bank.ics
-
     def modules(self) -> list[nn.Module]:
         return [self.backbone, self.bank.ics, self.means]
 

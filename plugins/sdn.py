@@ -114,14 +114,6 @@ class SDN(ExitStrategy):
         if self.chained:
             self.notes += " Fallback: most confident of all exits (SDN's rule); every IC is paid."
 
-    @property
-    def ic_stages(self) -> list[int]:
-        return self.bank.stages
-
-    @property
-    def ics(self) -> nn.ModuleList:
-        return self.bank.ics
-
     def modules(self) -> list[nn.Module]:
         return [self.backbone, self.bank.ics]
 

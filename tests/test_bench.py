@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import copy_tree
+
 from eebench.cli import main
 
 QUICK = ["--batch-sizes", "1,32", "--samples", "64", "--batch1-samples", "8", "--repeats", "2"]

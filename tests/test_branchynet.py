@@ -12,9 +12,9 @@ import torch.nn.functional as F
 import yaml
 
 from eebench.costs import StageCosts
-from eebench.stepping import run_early_exit
-from eebench.strategy import ExitStrategy, MethodContext
-from eebench.trace import ExitTrace, compute_trace, compute_traces, exit_fires
+from eebench.strategy import MethodContext
+from eebench.testing import assert_executor_matches
+from eebench.trace import compute_trace, compute_traces, exit_fires
 from eebench_plugins.branchynet import BranchyNet, entropy, entropy_thresholds, resolve_weights
 from eebench_plugins.budgets import SamplesBudget
 from eebench_plugins.calibrators import PerExitBisection
@@ -182,68 +182,7 @@ def test_cli_run_shows_branchynet_in_the_leaderboard(tmp_path) -> None:
     assert "| BranchyNet |" in board and "- BranchyNet:" in board
 
 
-# -- the executor runs the trace's network (issue 14); test_eenet uses these helpers too --------------
-
-def quantile_vectors(trace: ExitTrace) -> list[torch.Tensor]:
-    """Per-exit thresholds at the 0.3 / 0.6 / 0.9 quantiles of each exit's distinct finite test scores
-    (midpoints between adjacent ones), plus the 0.6 vector with its first exit off (+inf)."""
-    vectors = []
-    for q in (0.3, 0.6, 0.9):
-        row = []
-        for scores in trace.scores[:-1]:
-            values = torch.unique(scores[torch.isfinite(scores)])  # sorted
-            k = min(int(q * (len(values) - 1)), len(values) - 2)
-            row.append(float((values[k] + values[k + 1]) / 2) if len(values) > 1 else math.inf)
-        vectors.append(torch.tensor(row, dtype=torch.float64))
-    off = vectors[1].clone()
-    off[0] = math.inf
-    return [*vectors, off]
-
-
-def trace_decisions(traces: list[ExitTrace], thresholds: torch.Tensor,
-                    variant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N] exit index and prediction the traces give each row under its own thresholds and variant."""
-    exits = torch.empty(thresholds.shape[0], dtype=torch.long)
-    preds = torch.empty_like(exits)
-    for v, vector in {(int(v), tuple(t.tolist())) for v, t in zip(variant, thresholds, strict=True)}:
-        rows = (variant == v) & (thresholds == torch.tensor(vector, dtype=torch.float64)).all(1)
-        first = traces[v].first_exit(torch.tensor([vector], dtype=torch.float64))[0]
-        exits[rows] = first[rows]
-        preds[rows] = traces[v].preds.gather(0, first[None])[0][rows]
-    return exits, preds
-
-
-def executor_runs(strategy: ExitStrategy, images: torch.Tensor, thresholds: torch.Tensor,
-                  variant: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``run_early_exit`` in batches of 64 compacted and masked, and one sample at a time on the first 20."""
-    runs = {}
-    for mode, size, count in (("compact", 64, len(images)), ("masked", 64, len(images)), ("batch 1", 1, 20)):
-        parts = [run_early_exit(strategy, images[i:i + size], thresholds[i:i + size], variant[i:i + size],
-                                compact=mode != "masked") for i in range(0, count, size)]
-        runs[mode] = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    return runs
-
-
-def assert_executor_matches_trace(strategy: ExitStrategy, test) -> None:
-    """For every variant, the quantile vectors and one matrix alternating two vectors (and the first and
-    last variants) by row: every mode of the executor gives the test trace's exits and predictions."""
-    strategy.eval()
-    traces = compute_traces(strategy, test, batch_size=100, device="cpu")
-    n = len(test)
-    cases = [(f"variant {v}, {vector.tolist()}", vector.expand(n, -1), torch.full((n,), v))
-             for v, trace in enumerate(traces) for vector in quantile_vectors(trace)]
-    low, high = quantile_vectors(traces[0])[0], quantile_vectors(traces[-1])[2]
-    odd = torch.arange(n) % 2 == 1
-    cases.append(("mixed rows", torch.where(odd[:, None], high, low), odd.long() * (len(traces) - 1)))
-    for label, thresholds, variant in cases:
-        want = trace_decisions(traces, thresholds, variant)
-        assert len(set(want[0].tolist())) > 1 or bool(torch.isinf(thresholds).all()), label  # exits do differ
-        for mode, (exits, preds) in executor_runs(strategy, test.images, thresholds, variant).items():
-            rows = len(exits)
-            assert torch.equal(exits, want[0][:rows]), f"{label}, {mode}: {int((exits != want[0][:rows]).sum())} exits"
-            assert torch.equal(preds, want[1][:rows]), f"{label}, {mode}: {int((preds != want[1][:rows]).sum())} preds"
-
-
 def test_the_executor_gives_the_traces_exits_and_predictions(fitted, small_fmnist) -> None:
     strategy, _, _ = fitted
-    assert_executor_matches_trace(strategy, small_fmnist[2])
+    test = small_fmnist[2]
+    assert_executor_matches(strategy, compute_traces(strategy, test, batch_size=100, device="cpu"), test.images)

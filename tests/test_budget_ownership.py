@@ -114,7 +114,7 @@ def test_e2cm_and_e2cm_sdn_take_their_class_means_on_the_same_samples(bench, kin
     consulting, consulting_budget = bench.fit("e2cm+sdn", kind)
     expected = {"epochs": len(bench.train), "samples": SAMPLES, "seconds": len(bench.train)}[kind]
     by_stage = dict(zip(e2cm.exit_stages, e2cm.exits, strict=True))
-    for stage, means in zip(consulting.ic_stages, consulting.means, strict=True):
+    for stage, means in zip(consulting.bank.stages, consulting.means, strict=True):
         assert int(means.counts.sum()) == expected
         assert torch.equal(means.counts, by_stage[stage].counts)
         assert torch.equal(means.sums, by_stage[stage].sums)  # the same samples, in the same batches

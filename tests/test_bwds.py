@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
-from test_sdn import assert_executor_matches_trace, assert_reloaded_state_gives_the_same_traces
 
 from eebench.api import EebenchError
 from eebench.calibration import build_curve
 from eebench.costs import StageCosts
 from eebench.datasets import take
 from eebench.strategy import MethodContext
+from eebench.testing import assert_executor_matches, assert_state_reloads
 from eebench.trace import compute_traces
 from eebench_plugins.budgets import EpochsBudget, SamplesBudget, SecondsBudget
 from eebench_plugins.bwds import (
@@ -30,7 +30,7 @@ EPOCHS = 30  # 6 phases (one per decision function, its IC trained alongside) of
 
 
 def ic_state(strategy: BWDS) -> list[list[torch.Tensor]]:
-    return [[p.detach().clone() for p in ic.parameters()] for ic in strategy.ics]
+    return [[p.detach().clone() for p in ic.parameters()] for ic in strategy.bank.ics]
 
 
 def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -106,11 +106,11 @@ def test_policies_train_backwards_and_values_propagate(trained_resnet20, small_f
 
     def recording(self, j, *args, **kwargs):
         order.append(j)
-        trained = [k for k in range(len(self.ic_stages)) if self.policies.weight[k].abs().sum() > 0]
+        trained = [k for k in range(len(self.bank.stages)) if self.policies.weight[k].abs().sum() > 0]
         assert all(k > j for k in trained)  # every policy already trained lies downstream of j
         # per-exit: the ICs trained so far are exactly the downstream ones; IC j is still at its init
         moved = [k for k, (now, init) in enumerate(zip(ic_state(self), initial, strict=True)) if not same(now, init)]
-        assert moved == list(range(j + 1, len(self.ic_stages)))
+        assert moved == list(range(j + 1, len(self.bank.stages)))
         return original(self, j, *args, **kwargs)
 
     monkeypatch.setattr(BWDS, "_train_policy", recording)
@@ -125,12 +125,12 @@ def test_policies_train_backwards_and_values_propagate(trained_resnet20, small_f
     # V_{j+1} is E at the first downstream exit whose (trained) policy exits, else E at the final exit
     trained, *_ = fitted
     acts = trained.cached_activations(train, "sdn-pool")
-    features = [acts.features[s] for s in trained.ic_stages]
+    features = [acts.features[s] for s in trained.bank.stages]
     rows = torch.arange(len(train))
     inputs, losses = trained.decision_inputs(rows, features, acts.logits, acts.labels)
     values = exit_values(losses, trained.exit_costs().normalised(), trained.lambdas)  # [Λ, 7, N]
     exits = trained.downstream_exits(inputs, 0)  # [Λ, 6, N]
-    num_ics = len(trained.ic_stages)
+    num_ics = len(trained.bank.stages)
     early = at_final = 0
     for j in range(num_ics):
         v_next = continue_value(values[:, j + 1:], exits[:, j + 1:])
@@ -149,12 +149,12 @@ def test_budget_gives_each_decision_function_its_phase_and_trains_its_ic_there(
     model = copy.deepcopy(trained_resnet20)
     strategy = BWDS(model, make_context(model, bundle))
     assert strategy.schedule == "per-exit"
-    num_ics = len(strategy.ic_stages)
+    num_ics = len(strategy.bank.stages)
     assert num_ics == 6
     budget = SamplesBudget(500)
     budget.bind(len(train))
     ic_rows: list[int] = []  # samples IC 0 was trained on (its forward with gradients, in train mode)
-    first = strategy.ics[0]
+    first = strategy.bank.ics[0]
     forward = first.forward_pooled
     monkeypatch.setattr(first, "forward_pooled",
                         lambda pair, extra=None: (torch.is_grad_enabled() and first.training
@@ -163,7 +163,7 @@ def test_budget_gives_each_decision_function_its_phase_and_trains_its_ic_there(
     inputs = strategy.decision_inputs
 
     def recording(rows, *args, start=0, **kwargs):
-        assert not any(ic.training for ic in strategy.ics)  # policy inputs come from ICs in eval mode
+        assert not any(ic.training for ic in strategy.bank.ics)  # policy inputs come from ICs in eval mode
         policy_rows[start] = policy_rows.get(start, 0) + int(rows.numel())
         return inputs(rows, *args, start=start, **kwargs)
 
@@ -214,7 +214,7 @@ def test_ics_first_schedule_keeps_the_equal_split_over_ics_and_policies(
     budget = SamplesBudget(500)
     budget.bind(len(train))
     ic_rows: list[int] = []  # samples the ICs were trained on (the IC forward with gradients)
-    first = strategy.ics[0]
+    first = strategy.bank.ics[0]
     forward = first.forward_pooled
     monkeypatch.setattr(first, "forward_pooled",
                         lambda pair, extra=None: (torch.is_grad_enabled() and ic_rows.append(len(pair)))
@@ -268,7 +268,7 @@ def test_outputs_costs_and_variants(fitted, small_fmnist) -> None:
     # issue 12; it was 3K) + ÷ ln K + linear K+2 (K=10)
     per_policy = 10 * 4 + 30 + 20 + 1 + 12
     assert policy_macs(10) == per_policy
-    expected = [ic.macs() + per_policy for ic in strategy.ics] + [0.0]
+    expected = [ic.macs() + per_policy for ic in strategy.bank.ics] + [0.0]
     assert costs.overhead_macs.tolist() == pytest.approx(expected)
     assert costs.backbone_macs[-1].item() == costs.reference_macs
     assert budget.spend.samples == EPOCHS * 200
@@ -319,7 +319,7 @@ def test_executor_matches_the_trace_for_every_lambda(three_lambdas, small_fmnist
     subset = take(test, torch.arange(150))  # 3 variants x 5 threshold matrices x 3 modes: keep it short
     traces = compute_traces(three_lambdas, subset, batch_size=100, device="cpu")
     assert len(traces) == 3
-    assert_executor_matches_trace(three_lambdas, subset.images, traces)
+    assert_executor_matches(three_lambdas, traces, subset.images)
 
 
 def test_a_fresh_bwds_loading_the_state_gives_the_same_traces(three_lambdas, trained_resnet20, small_fmnist) -> None:
@@ -328,4 +328,4 @@ def test_a_fresh_bwds_loading_the_state_gives_the_same_traces(three_lambdas, tra
     model = copy.deepcopy(trained_resnet20)
     fresh = BWDS(model, make_context(model, bundle), lambdas=[0.01, 0.1, 1.0])
     assert all(bool((w == 0).all()) for w in fresh.policies.weight)  # untrained: the state must bring them
-    assert_reloaded_state_gives_the_same_traces(three_lambdas, fresh, test)
+    assert_state_reloads(three_lambdas, fresh, test)

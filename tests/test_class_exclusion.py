@@ -10,8 +10,8 @@ import torch
 
 from eebench.calibration import build_curve
 from eebench.costs import ExitCosts, StageCosts
-from eebench.stepping import run_early_exit
 from eebench.strategy import MethodContext
+from eebench.testing import assert_executor_matches
 from eebench.trace import compute_traces
 from eebench_plugins.budgets import SamplesBudget
 from eebench_plugins.class_exclusion import (
@@ -264,19 +264,6 @@ def test_search_equals_the_plain_reference_loop_and_curve_is_built(fitted, trace
     assert float(curve.calibration_cost.min()) < 1.0  # exclusion does make samples leave early
 
 
-def executor_runs(strategy, images: torch.Tensor, thresholds: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
-    """The executor's (exit, prediction) per sample: batches of 64 compacted and masked, and batch 1
-    on the first 20 samples."""
-    def batched(compact: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [run_early_exit(strategy, images[i : i + 64], thresholds[i : i + 64], compact=compact)
-                 for i in range(0, images.shape[0], 64)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-    singles = [run_early_exit(strategy, images[i : i + 1], thresholds[i : i + 1]) for i in range(20)]
-    return {"compact": batched(True), "masked": batched(False),
-            "batch1": (torch.cat([s[0] for s in singles]), torch.cat([s[1] for s in singles]))}
-
-
 def test_the_executor_keeps_the_alive_sets_of_the_trace(fitted, traces) -> None:
     """The executor (alive sets in the per-sample state, exited rows leaving the batch) takes the
     trace's decisions exactly, under the searched β vectors and hand-made ones (exits off by +inf
@@ -294,19 +281,13 @@ def test_the_executor_keeps_the_alive_sets_of_the_trace(fitted, traces) -> None:
     hand[2, heads // 2] = 1.0  # everyone still running leaves here with its top class
     vectors = torch.cat([searched, hand])
     first, pred = exclusion_outcome(on_test.exclusion_scores, on_test.final_logits, vectors)
-    assert torch.equal(on_test.outcome(vectors)[0], first)  # the trace's own outcome
+    assert torch.equal(on_test.outcome(vectors)[0], first)  # the trace's own outcome and prediction
     assert torch.equal(on_test.outcome(vectors)[1], pred == test.labels)
-    n = test.images.shape[0]
-    mixed = torch.where(torch.arange(n) % 2 == 0, len(searched) - 1, len(searched) + 1)  # rows alternate
-    cases = [(vectors[v].expand(n, -1), first[v], pred[v]) for v in range(vectors.shape[0])]
-    cases.append((vectors[mixed], first[mixed, torch.arange(n)], pred[mixed, torch.arange(n)]))
-    for thresholds, want_exit, want_pred in cases:
-        for mode, (exits, predicted) in executor_runs(strategy, test.images, thresholds).items():
-            rows = exits.numel()
-            assert torch.equal(exits, want_exit[:rows]), mode
-            assert torch.equal(predicted, want_pred[:rows]), mode
+    assert torch.equal(on_test.predictions(vectors), pred)
+    mix = (len(searched) - 1, len(searched) + 1)  # rows alternate: the loosest searched β and hand[1]
+    assert_executor_matches(strategy, [on_test], test.images, list(vectors), mix=mix)
     assert bool((first < heads).any()) and bool((first == heads).any())  # early exits and fall-throughs
-    assert not torch.equal(first[len(searched) - 1], first[len(searched) + 1])  # the mixed rows really differ
+    assert not torch.equal(first[mix[0]], first[mix[1]])  # the mixed rows really differ
 
 
 def test_state_dict_restores_the_exits_exactly(fitted, traces, trained_resnet20) -> None:

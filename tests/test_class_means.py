@@ -53,8 +53,8 @@ def test_the_second_method_pays_no_statistics_pass(shared_pair) -> None:
 def test_shared_means_and_divisors_are_the_same_numbers_at_every_common_exit(shared_pair) -> None:
     _, e2cm, _, consulting, _ = shared_pair
     e2cm_exits = dict(zip(e2cm.exit_stages, e2cm.exits, strict=True))
-    assert set(consulting.ic_stages) <= set(e2cm_exits)
-    for stage, means in zip(consulting.ic_stages, consulting.means, strict=True):
+    assert set(consulting.bank.stages) <= set(e2cm_exits)
+    for stage, means in zip(consulting.bank.stages, consulting.means, strict=True):
         assert torch.equal(means.sums, e2cm_exits[stage].sums)
         assert torch.equal(means.divisors, e2cm_exits[stage].divisors)
 

@@ -237,19 +237,19 @@ def expected_e2cm(strategy, shapes, params):
 
 def expected_sdn(strategy, shapes, params):
     extra = softmax_macs(K) if params.get("count_softmax") else 0.0
-    return [internal_classifier(ic, shapes[s], K) + extra for s, ic in zip(strategy.ic_stages, strategy.ics,
+    return [internal_classifier(ic, shapes[s], K) + extra for s, ic in zip(strategy.bank.stages, strategy.bank.ics,
                                                                           strict=True)] + [0.0]
 
 
 def expected_e2cm_sdn(strategy, shapes, params):
     extra = 2 * softmax_macs(K) if params.get("count_softmax") else 0.0  # the IC's and E²CM's
     return [internal_classifier(ic, shapes[s], K, extra=K) + distances(shapes[s], K, None) + extra
-            for s, ic in zip(strategy.ic_stages, strategy.ics, strict=True)] + [0.0]
+            for s, ic in zip(strategy.bank.stages, strategy.bank.ics, strict=True)] + [0.0]
 
 
 def expected_bwds(strategy, shapes, params):
     return [internal_classifier(ic, shapes[s], K) + policy(K)
-            for s, ic in zip(strategy.ic_stages, strategy.ics, strict=True)] + [0.0]
+            for s, ic in zip(strategy.bank.stages, strategy.bank.ics, strict=True)] + [0.0]
 
 
 def expected_branchynet(strategy, shapes, params):
@@ -306,10 +306,10 @@ def test_exit_overheads_are_module_counts_plus_table_terms(registry, resnet_cost
     shapes = resnet_costs.stage_shapes
     overhead = strategy.exit_costs().overhead_macs.tolist()
     if expected is None:  # E²CM+SDN with pooled class means
-        ic = [internal_classifier(ic, shapes[s], K, extra=K) for s, ic in zip(strategy.ic_stages, strategy.ics,
+        ic = [internal_classifier(ic, shapes[s], K, extra=K) for s, ic in zip(strategy.bank.stages, strategy.bank.ics,
                                                                              strict=True)]
         want = [c + distances(shapes[s], K, 4 if shapes[s][1] > 4 else None) + 2 * softmax_macs(K)
-                for c, s in zip(ic, strategy.ic_stages, strict=True)] + [0.0]
+                for c, s in zip(ic, strategy.bank.stages, strict=True)] + [0.0]
     else:
         want = expected(strategy, shapes, params)
     assert overhead == pytest.approx(want, rel=0, abs=1e-6)

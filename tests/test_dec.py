@@ -11,9 +11,9 @@ import yaml
 
 from eebench.calibration import build_curve
 from eebench.costs import StageCosts
-from eebench.stepping import run_early_exit
 from eebench.strategy import MethodContext
-from eebench.trace import ExitTrace, compute_trace
+from eebench.testing import assert_executor_matches, assert_same_traces, threshold_vectors
+from eebench.trace import compute_trace
 from eebench_plugins.budgets import SamplesBudget
 from eebench_plugins.calibrators import PerExitBisection
 from eebench_plugins.dec.backbone import dec_backbone
@@ -347,53 +347,15 @@ def test_autoencoder_activations_follow_the_paper() -> None:
     assert (sae(x) < 0).any()
 
 
-def quantile_vectors(trace: ExitTrace) -> torch.Tensor:
-    """Per-exit thresholds at the 0.3/0.6/0.9 quantiles of each exit's scores (midpoints between
-    adjacent sorted scores, so no score sits on a threshold), plus the 0.6 vector with exit 0 off."""
-    rows = []
-    for q in (0.3, 0.6, 0.9):
-        row = []
-        for j in range(trace.num_exits - 1):
-            ordered = trace.scores[j].sort().values
-            i = int(q * (ordered.numel() - 1))
-            row.append(float((ordered[i] + ordered[i + 1]) / 2))
-        rows.append(row)
-    off = list(rows[1])
-    off[0] = math.inf
-    return torch.tensor([*rows, off], dtype=torch.float64)
-
-
-def executor_runs(strategy, images: torch.Tensor, thresholds: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
-    """The executor's (exit, prediction) per sample: batches of 64 compacted and masked, and batch 1
-    on the first 20 samples."""
-    def batched(compact: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [run_early_exit(strategy, images[i : i + 64], thresholds[i : i + 64], compact=compact)
-                 for i in range(0, images.shape[0], 64)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-    singles = [run_early_exit(strategy, images[i : i + 1], thresholds[i : i + 1]) for i in range(20)]
-    return {"compact": batched(True), "masked": batched(False),
-            "batch1": (torch.cat([s[0] for s in singles]), torch.cat([s[1] for s in singles]))}
-
-
 def test_the_executor_takes_the_traces_decisions(fitted) -> None:
     strategy, _, _, test = fitted
     strategy.eval()
     trace = compute_trace(strategy, test, batch_size=64, device="cpu")
-    points = torch.stack([p.thresholds for p in strategy.report().operating_points])  # each DEC alone
-    vectors = torch.cat([quantile_vectors(trace), points])
-    first = trace.first_exit(vectors)  # [V, N]
-    preds = trace.preds.gather(0, first)
-    n = test.images.shape[0]
-    mixed = torch.arange(n) % 2 * 2  # rows alternate between vectors 0 and 2
-    cases = [(vectors[v].expand(n, -1), first[v], preds[v]) for v in range(vectors.shape[0])]
-    cases.append((vectors[mixed], first[mixed, torch.arange(n)], preds[mixed, torch.arange(n)]))
-    for thresholds, want_exit, want_pred in cases:
-        for mode, (exits, predicted) in executor_runs(strategy, test.images, thresholds).items():
-            rows = exits.numel()
-            assert torch.equal(exits, want_exit[:rows]), mode
-            assert torch.equal(predicted, want_pred[:rows]), mode
-    assert len(set(first[:3].flatten().tolist())) == trace.num_exits  # every exit is taken somewhere
+    quantiles = threshold_vectors(trace)
+    points = [p.thresholds for p in strategy.report().operating_points]  # each DEC alone
+    assert_executor_matches(strategy, [trace], test.images, quantiles + points)
+    first = trace.first_exit(torch.stack(quantiles[:3]))
+    assert len(set(first.flatten().tolist())) == trace.num_exits  # every exit is taken somewhere
 
 
 def test_state_dict_restores_the_exits_and_the_maps_exactly(fitted) -> None:
@@ -404,6 +366,6 @@ def test_state_dict_restores_the_exits_and_the_maps_exactly(fitted) -> None:
     for split in (train, test):
         first = compute_trace(strategy, split, batch_size=64, device="cpu")
         again = compute_trace(fresh, split, batch_size=64, device="cpu")
-        assert torch.equal(first.preds, again.preds) and torch.equal(first.scores, again.scores)
+        assert_same_traces([first], [again])
         view, view_again = strategy.calibration_view(first), fresh.calibration_view(again)
         assert torch.equal(view.preds, view_again.preds) and torch.equal(view.labels, view_again.labels)

@@ -10,9 +10,9 @@ import torch
 
 from eebench.calibration import build_curve
 from eebench.costs import StageCosts
-from eebench.stepping import run_early_exit
 from eebench.strategy import MethodContext
-from eebench.trace import ExitTrace, compute_trace, compute_traces
+from eebench.testing import assert_executor_matches, assert_state_reloads, threshold_vectors
+from eebench.trace import compute_trace, compute_traces
 from eebench_plugins.budgets import EpochsBudget, SamplesBudget
 from eebench_plugins.calibrators import PerExitBisection
 from eebench_plugins.e2cm import E2CM
@@ -148,58 +148,19 @@ def test_fitting_twice_gives_identical_numbers(fitted, trained_resnet20, small_f
     assert torch.equal(first.preds, second.preds) and torch.equal(first.scores, second.scores)
 
 
-def quantile_vectors(trace: ExitTrace) -> torch.Tensor:
-    """Per-exit thresholds at the 0.3/0.6/0.9 quantiles of each exit's scores (midpoints between
-    adjacent sorted scores, so no score sits on a threshold), plus the 0.6 vector with exit 1 off."""
-    rows = []
-    for q in (0.3, 0.6, 0.9):
-        row = []
-        for j in range(trace.num_exits - 1):
-            ordered = trace.scores[j].sort().values
-            i = int(q * (ordered.numel() - 1))
-            row.append(float((ordered[i] + ordered[i + 1]) / 2))
-        rows.append(row)
-    off = list(rows[1])
-    off[1] = math.inf
-    return torch.tensor([*rows, off], dtype=torch.float64)
-
-
-def executor_runs(strategy, images: torch.Tensor, thresholds: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
-    """The executor's (exit, prediction) per sample: batches of 64 compacted and masked, and batch 1
-    on the first 20 samples."""
-    def batched(compact: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [run_early_exit(strategy, images[i : i + 64], thresholds[i : i + 64], compact=compact)
-                 for i in range(0, images.shape[0], 64)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-    singles = [run_early_exit(strategy, images[i : i + 1], thresholds[i : i + 1]) for i in range(20)]
-    return {"compact": batched(True), "masked": batched(False),
-            "batch1": (torch.cat([s[0] for s in singles]), torch.cat([s[1] for s in singles]))}
-
-
 def test_the_executor_takes_the_traces_decisions(fitted) -> None:
     strategy, _, _, test = fitted
     strategy.eval()
     trace = compute_trace(strategy, test, batch_size=64, device="cpu")
-    vectors = quantile_vectors(trace)
-    first = trace.first_exit(vectors)  # [V, N]
-    preds = trace.preds.gather(0, first)
-    n = test.images.shape[0]
-    mixed = torch.arange(n) % 2 * 2  # rows alternate between vectors 0 and 2
-    cases = [(vectors[v].expand(n, -1), first[v], preds[v]) for v in range(vectors.shape[0])]
-    cases.append((vectors[mixed], first[mixed, torch.arange(n)], preds[mixed, torch.arange(n)]))
-    for thresholds, want_exit, want_pred in cases:
-        for mode, (exits, predicted) in executor_runs(strategy, test.images, thresholds).items():
-            rows = exits.numel()
-            assert torch.equal(exits, want_exit[:rows]), mode
-            assert torch.equal(predicted, want_pred[:rows]), mode
+    vectors = threshold_vectors(trace)
+    second_off = vectors[1].clone()
+    second_off[1] = math.inf  # the 0.6 vector with exit 1 off (threshold_vectors has one with exit 0 off)
+    vectors.append(second_off)
+    assert_executor_matches(strategy, [trace], test.images, vectors)
+    first = trace.first_exit(torch.stack(vectors))
     assert len(set(first.flatten().tolist())) == trace.num_exits  # every exit is taken somewhere
 
 
 def test_state_dict_restores_the_exits_exactly(fitted, trained_resnet20) -> None:
     strategy, _, _, test = fitted
-    fresh = E2CM(copy.deepcopy(trained_resnet20), strategy.context)
-    fresh.load_state_dict(copy.deepcopy(strategy.state_dict()))
-    first = compute_trace(strategy, test, batch_size=64, device="cpu")
-    again = compute_trace(fresh, test, batch_size=64, device="cpu")
-    assert torch.equal(first.preds, again.preds) and torch.equal(first.scores, again.scores)
+    assert_state_reloads(strategy, E2CM(copy.deepcopy(trained_resnet20), strategy.context), test, batch_size=64)

@@ -7,12 +7,12 @@ import time
 
 import pytest
 import torch
-from test_sdn import assert_executor_matches_trace, assert_reloaded_state_gives_the_same_traces
 
 from eebench.calibration import build_curve
 from eebench.costs import StageCosts
 from eebench.datasets import take
 from eebench.strategy import MethodContext
+from eebench.testing import assert_executor_matches, assert_state_reloads
 from eebench.trace import compute_traces
 from eebench_plugins.budgets import EpochsBudget
 from eebench_plugins.calibrators import PerExitBisection
@@ -37,7 +37,7 @@ def consulting(trained_resnet20, small_fmnist):
 
 def test_ics_read_the_normalised_distances(consulting) -> None:
     strategy, *_ = consulting
-    for ic in strategy.ics:
+    for ic in strategy.bank.ics:
         assert ic.extra_inputs == 10
         assert ic.linear.in_features == ic.pooled_numel + 10
 
@@ -91,7 +91,7 @@ def test_grid_level_zero_never_vetoes_on_confidence(consulting) -> None:
     parts = strategy.parts(train.images)
     assert bool((parts["cm_conf"] > strategy.cm_thresholds[0][:, None]).all())
     # level 0 is exactly −inf (not just below the training minimum), the others the training quantiles
-    assert strategy.cm_thresholds[0].tolist() == [float("-inf")] * len(strategy.ic_stages)
+    assert strategy.cm_thresholds[0].tolist() == [float("-inf")] * len(strategy.bank.stages)
     assert bool(torch.isfinite(strategy.cm_thresholds[1:]).all())
     assert bool((strategy.cm_thresholds.diff(dim=0) >= 0).all())
     # a sample less confident than every training sample (all K distances equal: confidence 1/K) still passes
@@ -111,7 +111,7 @@ def test_costs_add_the_distance_overhead(consulting) -> None:
     strategy, *_ = consulting
     costs = strategy.exit_costs()
     shapes = strategy.context.stage_costs.stage_shapes
-    for j, (stage, ic) in enumerate(zip(strategy.ic_stages, strategy.ics, strict=True)):
+    for j, (stage, ic) in enumerate(zip(strategy.bank.stages, strategy.bank.ics, strict=True)):
         dim = torch.tensor(shapes[stage]).prod().item()
         # E²CM's distances in MACs (issue 12, the core's cost table), not K·(3D−1) operations:
         # D·K + K (expansion) + D + K (‖x‖²) + 2K (sqrt, ÷ divisor)
@@ -129,7 +129,7 @@ def test_executor_matches_the_trace_for_every_rule_and_level(consulting) -> None
     subset = take(test, torch.arange(150))  # 4 variants x 5 threshold matrices x 3 modes: keep it short
     traces = compute_traces(strategy, subset, batch_size=100, device="cpu")
     assert len(traces) == 4
-    assert_executor_matches_trace(strategy, subset.images, traces)
+    assert_executor_matches(strategy, traces, subset.images)
 
 
 def test_a_fresh_strategy_loading_the_state_gives_the_same_traces(consulting, trained_resnet20, small_fmnist) -> None:
@@ -140,7 +140,7 @@ def test_a_fresh_strategy_loading_the_state_gives_the_same_traces(consulting, tr
     fresh = E2CMSDN(model, _context(model, bundle), grid=2)
     assert not torch.equal(fresh.cm_thresholds, strategy.cm_thresholds)
     assert "cm_thresholds" in strategy.state_dict()
-    assert_reloaded_state_gives_the_same_traces(strategy, fresh, test)
+    assert_state_reloads(strategy, fresh, test)
     assert torch.equal(fresh.cm_thresholds, strategy.cm_thresholds)
 
 

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 import yaml
-from test_branchynet import assert_executor_matches_trace
 
 from eebench.costs import StageCosts
 from eebench.strategy import MethodContext
-from eebench.trace import compute_trace
+from eebench.testing import assert_executor_matches
+from eebench.trace import compute_trace, compute_traces
 from eebench_plugins.budgets import SamplesBudget
 from eebench_plugins.eenet import DISTRIBUTIONS, EENet, eenet_loss
 
@@ -184,4 +184,5 @@ def test_cli_run_shows_eenet_in_the_leaderboard(tmp_path) -> None:
 
 def test_the_executor_gives_the_traces_exits_and_predictions(fitted, small_fmnist) -> None:
     strategy, _, _, _ = fitted  # bnpool exit blocks: BatchNorm in eval mode, per row
-    assert_executor_matches_trace(strategy, small_fmnist[2])
+    test = small_fmnist[2]
+    assert_executor_matches(strategy, compute_traces(strategy, test, batch_size=100, device="cpu"), test.images)

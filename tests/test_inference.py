@@ -27,6 +27,7 @@ from eebench.inference import EarlyExitNetwork, ExitPolicy, thresholds_from_json
 from eebench.passes import iterate_batches
 from eebench.policy import runs_high
 from eebench.stepping import run_early_exit
+from eebench.testing import assert_executor_matches, threshold_vectors
 from eebench.trace import compute_traces, thresholds_to_json
 
 
@@ -96,59 +97,16 @@ def _images(test) -> torch.Tensor:
     return torch.cat([x for x, _ in iterate_batches(test, 100)])
 
 
-def _midpoints(scores: torch.Tensor, quantile: float) -> torch.Tensor:
-    """A threshold between two adjacent distinct scores (as calibrators place them)."""
-    values = scores.unique().sort().values
-    k = min(int(quantile * (values.numel() - 1)), values.numel() - 2)
-    return (values[k] + values[k + 1]) / 2
-
-
-def _vectors(trace) -> list[torch.Tensor]:
-    exits = trace.num_exits - 1
-    vectors = [torch.stack([_midpoints(trace.scores[j], q) for j in range(exits)]) for q in (0.3, 0.6, 0.9)]
-    off = vectors[0].clone()
-    off[0] = float("inf")
-    return [*vectors, off]
-
-
-def _expected(trace, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample exit and prediction of a per-row threshold matrix, from the trace."""
-    first = torch.stack([trace.first_exit(row[None])[0, i] for i, row in enumerate(rows)])
-    return first, trace.preds.gather(0, first[None])[0]
-
-
-def _run(strategy, images, thresholds, variant, mode: str, batch: int):
-    exits, preds = [], []
-    size = 1 if mode == "batch1" else batch
-    for start in range(0, images.shape[0], size):
-        stop = start + size
-        e, p = run_early_exit(strategy, images[start:stop], thresholds[start:stop],
-                              None if variant is None else variant[start:stop], compact=mode != "masked")
-        exits.append(e)
-        preds.append(p)
-    return torch.cat(exits), torch.cat(preds)
-
-
 @pytest.mark.parametrize("kind", [Probes, RunningBest])
 def test_executor_equals_the_trace_in_every_mode(kind, trained_resnet20, small_fmnist) -> None:
     bundle, _, test = small_fmnist
     strategy = _strategy(kind, trained_resnet20, bundle)
     traces = compute_traces(strategy, test, batch_size=100, device="cpu")
-    images = _images(test)[:60]
-    count = images.shape[0]
-    for v, trace in enumerate(traces):
-        vectors = _vectors(trace)
-        mixed = torch.stack([vectors[i % 2] if i % 3 else vectors[3] for i in range(count)])
-        matrices = [row[None].expand(count, -1) for row in vectors] + [mixed]
-        for matrix in matrices:
-            want_exit, want_pred = _expected(trace, matrix)
-            variant = torch.full((count,), v, dtype=torch.long)
-            for mode, batch in (("compact", 32), ("masked", 32), ("batch1", 1)):
-                got_exit, got_pred = _run(strategy, images, matrix, variant, mode, batch)
-                assert torch.equal(got_exit, want_exit[:count]), (kind.__name__, v, mode)
-                assert torch.equal(got_pred, want_pred[:count]), (kind.__name__, v, mode)
-        # the exits really take samples out early: some leave before the final exit
-        assert bool((_expected(trace, vectors[0][None].expand(count, -1))[0] < trace.num_exits - 1).any())
+    images = _images(test)[:60]  # the traces' first 60 samples; batch 1 runs them all
+    # the mixed rows alternate the 0.3 vector and one with exit 0 off: rows with an exit on and off in one batch
+    assert_executor_matches(strategy, traces, images, batch_size=32, batch1_samples=60, mix=(0, 3))
+    for trace in traces:  # the exits really take samples out early: some leave before the final exit
+        assert bool((trace.first_exit(threshold_vectors(trace)[0][None])[0, :60] < trace.num_exits - 1).any())
 
 
 def test_a_phi_policy_from_a_result_runs_the_same_mixture_as_the_leaderboard(trained_resnet20,
@@ -158,7 +116,7 @@ def test_a_phi_policy_from_a_result_runs_the_same_mixture_as_the_leaderboard(tra
     bundle, _, test = small_fmnist
     strategy = _strategy(Probes, trained_resnet20, bundle)
     trace = compute_traces(strategy, test, batch_size=100, device="cpu")[1]
-    low, high = _vectors(trace)[2], _vectors(trace)[0]
+    high, _, low, _ = threshold_vectors(trace)
     result = {"curve": {"thresholds": [thresholds_to_json(low), thresholds_to_json(high)], "variants": [1, 1]},
               "accuracy_at": {"0.4": {"points": [0, 1], "weight": 0.35, "mixing_seed": 11}}}
     policy = ExitPolicy.from_result(result, "0.4")

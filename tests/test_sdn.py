@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 import json
 import math
 
@@ -12,9 +11,9 @@ import torch
 import yaml
 
 from eebench.costs import StageCosts
-from eebench.stepping import run_early_exit
-from eebench.strategy import ExitStrategy, MethodContext
-from eebench.trace import ExitTrace, compute_trace, compute_traces
+from eebench.strategy import MethodContext
+from eebench.testing import assert_executor_matches, assert_state_reloads
+from eebench.trace import compute_trace, compute_traces
 from eebench_plugins.budgets import EpochsBudget, SamplesBudget
 from eebench_plugins.internal_classifiers import InternalClassifier, lr_drop_at, place_ics, reduce_for_ic
 from eebench_plugins.sdn import SDN
@@ -40,7 +39,7 @@ def fitted(trained_resnet20, small_fmnist):
     model = copy.deepcopy(trained_resnet20)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     strategy = SDN(model, make_context(model, bundle))
-    untrained = copy.deepcopy(strategy.ics)
+    untrained = copy.deepcopy(strategy.bank.ics)
     budget = EpochsBudget(5)
     budget.bind(len(train))
     strategy.fit(train, budget)
@@ -61,16 +60,16 @@ def test_ics_sit_at_the_first_exit_point_reaching_each_fraction(registry, name, 
         stage = min(reaching) if reaching else candidates[-1]
         if stage not in expected:
             expected.append(stage)
-    assert strategy.ic_stages == expected and len(expected) == 6
-    assert strategy.ic_stages[-1] < len(model.stages) - 1
-    for stage, fraction in zip(strategy.ic_stages, FRACTIONS, strict=True):
+    assert strategy.bank.stages == expected and len(expected) == 6
+    assert strategy.bank.stages[-1] < len(model.stages) - 1
+    for stage, fraction in zip(strategy.bank.stages, FRACTIONS, strict=True):
         earlier = [s for s in candidates if s < stage]
         if costs.through(stage) >= fraction * costs.total:  # first point reaching it ...
             assert not earlier or costs.through(earlier[-1]) < fraction * costs.total
         else:  # ... or, when none before the final stage does, the last one before it
             assert stage == candidates[-1]
     assert strategy.report().exit_names == [f"ic@block{s}" for s in expected] + ["final"]
-    assert strategy.exit_taps() == expected and strategy.bank.stages is strategy.ic_stages
+    assert strategy.exit_taps() == expected and strategy.bank.stages is strategy.bank.stages
     exit_costs = strategy.exit_costs()
     assert exit_costs.backbone_macs.tolist() == [costs.through(s) for s in expected] + [costs.total]
     assert exit_costs.overhead_macs[-1].item() == 0.0 and exit_costs.reference_macs == costs.total
@@ -112,10 +111,10 @@ def test_cached_pooled_activations_give_the_live_ic_output(fitted, small_fmnist)
     strategy, *_ = fitted
     _, train, _ = small_fmnist
     cached = strategy.cached_activations(train, "sdn-pool")  # the fit's pass, from the cache
-    assert cached.features[strategy.ic_stages[0]].dtype == torch.float16
+    assert cached.features[strategy.bank.stages[0]].dtype == torch.float16
     with torch.no_grad():
         outputs, _ = strategy.backbone.stage_outputs(train.images[:64])
-        for stage, ic in zip(strategy.ic_stages, strategy.ics, strict=True):
+        for stage, ic in zip(strategy.bank.stages, strategy.bank.ics, strict=True):
             live = ic(outputs[stage])
             from_cache = ic.forward_pooled(cached.features[stage][:64].float())
             assert torch.allclose(from_cache, live, rtol=1e-2, atol=1e-2 * live.abs().max().item())
@@ -127,7 +126,7 @@ def test_a_sample_budget_is_what_the_ics_see(trained_resnet20, small_fmnist, mon
     model = copy.deepcopy(trained_resnet20)
     strategy = SDN(model, make_context(model, bundle))
     seen: list[int] = []
-    first = strategy.ics[0]
+    first = strategy.bank.ics[0]
     original = first.forward_pooled
     monkeypatch.setattr(first, "forward_pooled", lambda pair, extra=None: seen.append(len(pair)) or original(pair))
     budget = SamplesBudget(90)
@@ -135,7 +134,7 @@ def test_a_sample_budget_is_what_the_ics_see(trained_resnet20, small_fmnist, mon
     strategy.fit(train, budget)
     assert sum(seen) == 90 and budget.spend.samples == 90
     assert budget.spend.extra_forward_samples == len(train)
-    ic_macs = math.fsum(ic.macs() for ic in strategy.ics)
+    ic_macs = math.fsum(ic.macs() for ic in strategy.bank.ics)
     expected = 90 * 3 * ic_macs + len(train) * strategy.context.stage_costs.total
     assert budget.spend.training_macs == pytest.approx(expected, rel=1e-12)
 
@@ -168,7 +167,7 @@ def test_most_confident_fallback_returns_the_most_confident_exit(fitted, small_f
     strategy, *_ = fitted
     _, _, test = small_fmnist
     other = SDN(strategy.backbone, strategy.context, fallback="most_confident")
-    other.ics.load_state_dict(strategy.ics.state_dict())
+    other.bank.ics.load_state_dict(strategy.bank.ics.state_dict())
     other.eval()
     plain = strategy.exit_outputs(test.images)
     fallback = other.exit_outputs(test.images)
@@ -226,94 +225,10 @@ def test_fractions_sharing_an_exit_point_get_one_ic_and_no_extra(registry) -> No
     assert place_ics(model, context, [0.5, 0.9999]) == [first, candidates[-1]]
 
 
-# -- the executor runs the trace's network (issue 14): shared by test_bwds and test_e2cm_sdn ------
-
-def threshold_vectors(trace: ExitTrace) -> list[torch.Tensor]:
-    """Per-exit thresholds at the 0.3 / 0.6 / 0.9 quantiles of each exit's finite test scores, each
-    a midpoint between adjacent distinct scores, plus the 0.6 vector with its first exit off (+inf)."""
-    vectors = []
-    for q in (0.3, 0.6, 0.9):
-        row = []
-        for j in range(trace.num_exits - 1):
-            values = torch.unique(trace.scores[j][torch.isfinite(trace.scores[j])])  # sorted, distinct
-            if len(values) < 2:
-                row.append(float(values[0]) if len(values) else math.inf)
-                continue
-            k = min(int(q * (len(values) - 1)), len(values) - 2)
-            row.append(float((values[k] + values[k + 1]) / 2))
-        vectors.append(torch.tensor(row, dtype=torch.float64))
-    off = vectors[1].clone()
-    off[0] = math.inf
-    return [*vectors, off]
-
-
-def trace_outcome(trace: ExitTrace, vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N] exit index and [N] prediction of every sample under one threshold vector, from the trace."""
-    first = trace.first_exit(vector[None])[0]
-    return first, trace.preds.gather(0, first[None])[0]
-
-
-def assert_modes_match(strategy: ExitStrategy, images: torch.Tensor, thresholds: torch.Tensor,
-                       variant: torch.Tensor | None, want: tuple[torch.Tensor, torch.Tensor], label: str) -> None:
-    """``run_early_exit`` in batches of 64 (compacted and masked) and one sample at a time on the
-    first 20 gives the trace's exit index and prediction for every row."""
-    def pick(rows: slice) -> torch.Tensor | None:
-        return None if variant is None else variant[rows]
-
-    for compact in (True, False):
-        runs = [run_early_exit(strategy, images[i:i + 64], thresholds[i:i + 64], pick(slice(i, i + 64)),
-                               compact=compact) for i in range(0, len(images), 64)]
-        exits, preds = torch.cat([r[0] for r in runs]), torch.cat([r[1] for r in runs])
-        where = f"{label}, compact={compact}"
-        assert torch.equal(exits, want[0]), f"{where}: {int((exits != want[0]).sum())} exit indices differ"
-        assert torch.equal(preds, want[1]), f"{where}: {int((preds != want[1]).sum())} predictions differ"
-    for i in range(20):
-        exit_index, pred = run_early_exit(strategy, images[i:i + 1], thresholds[i:i + 1], pick(slice(i, i + 1)))
-        assert (int(exit_index), int(pred)) == (int(want[0][i]), int(want[1][i])), f"{label}, batch 1, sample {i}"
-
-
-@torch.no_grad()
-def assert_executor_matches_trace(strategy: ExitStrategy, images: torch.Tensor, traces: list[ExitTrace]) -> None:
-    """For every variant and several threshold vectors, and for one per-row mix of two vectors (and two
-    variants), the executor's exits and predictions are the trace's outcome exactly."""
-    strategy.eval()
-    rows = len(images)
-    early = 0
-    for v, trace in enumerate(traces):
-        variant = None if len(traces) == 1 else torch.full((rows,), v, dtype=torch.long)
-        for k, vector in enumerate(threshold_vectors(trace)):
-            want = trace_outcome(trace, vector)
-            early += int((want[0] < trace.num_exits - 1).sum())
-            assert_modes_match(strategy, images, vector.expand(rows, -1), variant, want, f"variant {v}, vector {k}")
-    first, last = traces[0], traces[-1]
-    a, b = threshold_vectors(first)[0], threshold_vectors(last)[2]
-    odd = torch.arange(rows) % 2 == 1
-    thresholds = torch.where(odd[:, None], b[None], a[None])
-    variant = None if len(traces) == 1 else torch.where(odd, len(traces) - 1, 0)
-    (exits_a, preds_a), (exits_b, preds_b) = trace_outcome(first, a), trace_outcome(last, b)
-    want = torch.where(odd, exits_b, exits_a), torch.where(odd, preds_b, preds_a)
-    assert_modes_match(strategy, images, thresholds, variant, want, "mixed rows")
-    assert early > 0  # some rows leave early: the check is not vacuous
-
-
-def assert_reloaded_state_gives_the_same_traces(strategy: ExitStrategy, fresh: ExitStrategy, test) -> None:
-    """A freshly built strategy loading ``strategy``'s saved state (through torch.save, weights only, as
-    eebench.inference does) computes the very same test traces."""
-    buffer = io.BytesIO()
-    torch.save(strategy.state_dict(), buffer)
-    buffer.seek(0)
-    fresh.load_state_dict(torch.load(buffer, weights_only=True))
-    ours = compute_traces(strategy, test, batch_size=100, device="cpu")
-    theirs = compute_traces(fresh, test, batch_size=100, device="cpu")
-    assert len(ours) == len(theirs)
-    for a, b in zip(ours, theirs, strict=True):
-        assert torch.equal(a.preds, b.preds) and torch.equal(a.scores, b.scores)
-
-
 def test_executor_matches_the_trace(fitted, small_fmnist) -> None:
     strategy, *_ = fitted
     _, _, test = small_fmnist
-    assert_executor_matches_trace(strategy, test.images, compute_traces(strategy, test, batch_size=100, device="cpu"))
+    assert_executor_matches(strategy, compute_traces(strategy, test, batch_size=100, device="cpu"), test.images)
 
 
 def test_executor_matches_the_trace_with_the_most_confident_fallback(fitted, small_fmnist) -> None:
@@ -322,9 +237,9 @@ def test_executor_matches_the_trace_with_the_most_confident_fallback(fitted, sma
     strategy, *_ = fitted
     _, _, test = small_fmnist
     other = SDN(strategy.backbone, strategy.context, fallback="most_confident")
-    other.ics.load_state_dict(strategy.ics.state_dict())
+    other.bank.ics.load_state_dict(strategy.bank.ics.state_dict())
     traces = compute_traces(other, test, batch_size=100, device="cpu")
-    assert_executor_matches_trace(other, test.images, traces)
+    assert_executor_matches(other, traces, test.images)
 
 
 @pytest.mark.parametrize("fallback", ["final", "most_confident"])
@@ -332,11 +247,11 @@ def test_a_fresh_sdn_loading_the_state_gives_the_same_traces(fitted, small_fmnis
     strategy, *_ = fitted
     _, _, test = small_fmnist
     fitted_one = SDN(strategy.backbone, strategy.context, fallback=fallback)
-    fitted_one.ics.load_state_dict(strategy.ics.state_dict())
+    fitted_one.bank.ics.load_state_dict(strategy.bank.ics.state_dict())
     fresh = SDN(copy.deepcopy(strategy.backbone), strategy.context, fallback=fallback)
-    pairs = zip(fresh.ics.parameters(), strategy.ics.parameters(), strict=True)
+    pairs = zip(fresh.bank.ics.parameters(), strategy.bank.ics.parameters(), strict=True)
     assert not all(torch.equal(a, b) for a, b in pairs)  # fresh ICs: the state must bring the trained ones
-    assert_reloaded_state_gives_the_same_traces(fitted_one, fresh, test)
+    assert_state_reloads(fitted_one, fresh, test)
 
 
 def test_calibration_trace_with_the_fallback_comes_from_the_cache(fitted, small_fmnist) -> None:
@@ -344,7 +259,7 @@ def test_calibration_trace_with_the_fallback_comes_from_the_cache(fitted, small_
     strategy, *_ = fitted
     _, train, _ = small_fmnist
     other = SDN(strategy.backbone, strategy.context, fallback="most_confident")
-    other.ics.load_state_dict(strategy.ics.state_dict())
+    other.bank.ics.load_state_dict(strategy.bank.ics.state_dict())
     other.eval()
     plain = strategy.split_traces(train)[0]
     cached = other.split_traces(train)[0]
