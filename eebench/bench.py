@@ -35,8 +35,6 @@ from eebench.results import FAILED, RESULT_KEYS, cell_path, write_atomic
 from eebench.strategy import ExitStrategy
 from eebench.suite import BackboneSpec, DatasetSpec, LatencySpec, MethodSpec, PluginRef, Suite, expand
 
-Runner_ = Any  # eebench.runner.Runner, imported lazily (the runner imports this module's users)
-
 
 def hardware(device: torch.device) -> dict[str, Any]:
     """What the timings ran on: CPU model, cores, threads, torch build, GPU name."""
@@ -171,8 +169,9 @@ def bench_strategy(strategy: ExitStrategy, result: dict[str, Any], images: torch
             "policies": policies}
 
 
-def test_images(runner: Runner_, cell: Any, device: torch.device) -> torch.Tensor:
-    """The cell's test split on ``device``, channels-last, in its fixed order."""
+def test_images(runner: Any, cell: Any, device: torch.device) -> torch.Tensor:
+    """The cell's test split on ``device``, channels-last, in its fixed order (``runner``: an
+    ``eebench.runner.Runner``, imported lazily since the runner imports what this module serves)."""
     splits = runner.splits(cell.dataset, cell.seed)
     return torch.cat([x for x, _ in iterate_batches(splits.test, 1000, device=device, description="bench data")])
 

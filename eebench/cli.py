@@ -174,7 +174,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     timed = bench_run(run_dir, default_registry(), device, settings, targets,
                       only=None if ids is None else (lambda r: r["cell_id"] in ids),
                       log=lambda line: console.print(line, markup=False, highlight=False))
-    command = f"eebench run {suite_path} && eebench bench {args.run_dir}" if suite else f"eebench bench {args.run_dir}"
+    options = "".join(f" --{name.replace('_', '-')} {value}" for name, value in vars(args).items()
+                      if name in overrides and value is not None)
+    options += f" --device {args.device}" if args.device != "cpu" else ""
+    bench_command = f"eebench bench {args.run_dir}{options}"
+    command = f"eebench run {suite_path} && {bench_command}" if suite else bench_command
     path = render(run_dir, board_dir, suite.name if suite else None, suite.targets if suite else None,
                   suite.description if suite else "", command, suite.notes if suite else None, cell_ids=ids)
     print(f"{len(timed)} cells timed; results in {run_dir}/cells; leaderboard {path}")

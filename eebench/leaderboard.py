@@ -406,4 +406,4 @@ def _speed_table(group: list[dict[str, Any]], many_budgets: bool) -> list[str]:
             masked, masked_ratio = _speed(entries, f"masked@{larger}" if larger else None)
             lines.append(f"| {label} | {float(target):.2f} | {mac:.2f}× | {one} | {one_ratio} | {compact} | "
                          f"{compact_ratio} | {masked} | {masked_ratio} |")
-    return lines
+    return [*lines, ""]

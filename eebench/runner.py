@@ -210,6 +210,7 @@ class Runner:
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         """One cell's result: prepare, fit, trace, calibrate, assemble. ``self.blame`` says, while it runs
         and after it raised, which phase and plugin was at work."""
+        self.last_strategy = None
         work = self._prepare(cell)
         self._fit(work)
         calibration_traces, test_traces = self._traces(work)
@@ -672,6 +673,7 @@ def _run_cells(suite: Suite, registry: Registry, cells: list[Cell], *, suite_pat
             sys.stdout.flush()
             continue
         _save_strategy(run_dir, cell, runner.last_strategy)
+        runner.last_strategy = None  # the next cell must not keep this one's tensors alive
         _save(report, run_dir, cell.cell_id, result, text)
         report.done.append(cell.cell_id)
         at = ", ".join(f"φ={k}: {v['accuracy']:.3f}" if v else f"φ={k}: —" for k, v in result["accuracy_at"].items())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from eebench.strategy import ExitOutputs, ExitState, ExitStrategy, StepOutput
+from eebench.trace import ExitOutputError, output_values_problem
 
 INF = float("inf")
 
@@ -20,26 +21,33 @@ def exit_stages(strategy: ExitStrategy) -> list[int]:
     return [*strategy.exit_taps(), len(strategy.backbone.stages) - 1]
 
 
-def _step_problem(out: object, rows: int) -> str | None:
+def step_problem(out: object, rows: int, variants: int | None, num_classes: int | None) -> str | None:
+    """What is wrong with one ``exit_step`` output for ``rows`` rows, or None: ``StepOutput`` of preds
+    and scores [B] (or [P, B], P == ``variants`` when known), valid values, a ``detail`` of B rows."""
     preds, scores = getattr(out, "preds", None), getattr(out, "scores", None)
     if not isinstance(preds, torch.Tensor) or not isinstance(scores, torch.Tensor):
         return f"returned {type(out).__name__}; expected StepOutput(preds, scores) of tensors"
-    if preds.shape != scores.shape or preds.ndim not in (1, 2) or preds.shape[-1] != rows:
-        return (f"preds {list(preds.shape)} and scores {list(scores.shape)} for {rows} rows; expected both [B] "
-                "or [P, B] with B the rows asked")
-    if not scores.is_floating_point():
-        return f"scores have dtype {scores.dtype}; expected a floating dtype"
-    return None
+    shape = list(preds.shape)
+    if list(scores.shape) != shape:
+        return f"preds are {shape} but scores {list(scores.shape)}; expected the same shape"
+    if preds.ndim not in (1, 2) or shape[-1] != rows:
+        return f"outputs are {shape} for {rows} rows; expected [B] or [P, B], the batch as the last dimension"
+    if preds.ndim == 2 and variants is not None and shape[0] != variants:
+        return f"outputs are {shape}; expected [B] or [P, B] with P == len(report().variants) == {variants}"
+    detail = getattr(out, "detail", None)
+    if detail is not None and (not isinstance(detail, torch.Tensor) or detail.ndim < 1 or detail.shape[0] != rows):
+        what = list(detail.shape) if isinstance(detail, torch.Tensor) else type(detail).__name__
+        return f"detail is {what} for {rows} rows; expected None or a tensor [B, ...]"
+    problem = output_values_problem(preds.unsqueeze(-2), scores.unsqueeze(-2), num_classes)
+    return problem.replace(" (at exits [0])", "") if problem else None
 
 
 def checked_step(strategy: ExitStrategy, j: int, features: torch.Tensor, state: ExitState) -> StepOutput:
-    """``strategy.exit_step`` with its output's shape checked (ExitOutputError names the exit)."""
+    """``strategy.exit_step`` with its output checked (``step_problem``; ExitOutputError names the exit)."""
     out = strategy.exit_step(j, features, state)
-    problem = _step_problem(out, int(features.shape[0]))
+    problem = step_problem(out, int(features.shape[0]), None, None)
     if problem:
-        from eebench.trace import ExitOutputError
-
-        raise ExitOutputError(f"exit strategy {type(strategy).__name__}: exit_step({j}) {problem}")
+        raise ExitOutputError(f"exit_step({j}) {problem}")  # compute_traces names the plugin and the batch
     return out
 
 

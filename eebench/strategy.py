@@ -229,9 +229,6 @@ class ExitStrategy(ABC):
     def num_exits(self) -> int:
         return len(self.exit_taps()) + 1
 
-    def variant_count(self) -> int:
-        return len(self.report().variants)
-
     @torch.no_grad()
     def exit_outputs(self, x: torch.Tensor) -> ExitOutputs:
         """Every exit's prediction and score for a batch ([E, B] or [P, E, B]), from the per-exit calls."""

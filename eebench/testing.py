@@ -90,10 +90,10 @@ from eebench.costs import ExitCosts
 from eebench.datasets import DatasetBundle, TensorImageDataset, dataset_labels, seeded_subset_indices, take
 from eebench.plugins import Registry, default_registry
 from eebench.runner import Runner
-from eebench.stepping import ExitPlan, run_early_exit, run_one
+from eebench.stepping import ExitPlan, run_early_exit, run_one, step_problem
 from eebench.strategy import ExitStrategy, MethodReport, StepOutput
 from eebench.suite import BackboneSpec, DatasetSpec, MethodSpec, PluginRef, Recipe, Suite, check_plugins, expand
-from eebench.trace import ExitTrace, compute_traces, output_values_problem, trace_problem
+from eebench.trace import ExitTrace, compute_traces, trace_problem
 
 __all__ = [
     "CHECKS",
@@ -623,29 +623,6 @@ class _Probe:
         detail = budget.overspent()  # the runner fails the cell on it too, after finish()
         if detail:
             raise self.fail("budget", f"after fit, {detail} (spend: {budget.spend.to_dict()})")
-
-
-# ------------------------------------------------------------------------------- post-run checks
-
-def step_problem(out: Any, rows: int, variants: int | None, num_classes: int | None) -> str | None:
-    """What is wrong with one ``exit_step`` output for ``rows`` rows, or None: ``StepOutput`` of preds
-    and scores [B] (or [P, B], P == ``variants`` when known), valid values, a ``detail`` of B rows."""
-    preds, scores = getattr(out, "preds", None), getattr(out, "scores", None)
-    if not isinstance(preds, torch.Tensor) or not isinstance(scores, torch.Tensor):
-        return f"returned {type(out).__name__}; expected StepOutput(preds, scores) of tensors"
-    shape = list(preds.shape)
-    if list(scores.shape) != shape:
-        return f"preds are {shape} but scores {list(scores.shape)}; expected the same shape"
-    if preds.ndim not in (1, 2) or shape[-1] != rows:
-        return f"outputs are {shape} for {rows} rows; expected [B] or [P, B], the batch as the last dimension"
-    if preds.ndim == 2 and variants is not None and shape[0] != variants:
-        return f"outputs are {shape}; expected [B] or [P, B] with P == len(report().variants) == {variants}"
-    detail = getattr(out, "detail", None)
-    if detail is not None and (not isinstance(detail, torch.Tensor) or detail.ndim < 1 or detail.shape[0] != rows):
-        what = list(detail.shape) if isinstance(detail, torch.Tensor) else type(detail).__name__
-        return f"detail is {what} for {rows} rows; expected None or a tensor [B, ...]"
-    problem = output_values_problem(preds.unsqueeze(-2), scores.unsqueeze(-2), num_classes)
-    return problem.replace(" (at exits [0])", "") if problem else None
 
 
 # ------------------------------------------------------------------------------- post-run checks

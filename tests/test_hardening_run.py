@@ -179,11 +179,11 @@ GOOD_PREDS, GOOD_SCORES = torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8)
 
 
 @pytest.mark.parametrize(("preds", "scores", "variants", "expected"), [
-    (GOOD_PREDS[..., None], GOOD_SCORES[..., None], 1, "exit_step(0) preds [8, 1] and scores [8, 1] for 8 rows"),
-    (GOOD_PREDS, torch.zeros(2, 3), 1, "expected both [B] or [P, B] with B the rows asked"),
+    (GOOD_PREDS[..., None], GOOD_SCORES[..., None], 1, "exit_step(0) outputs are [8, 1] for 8 rows"),
+    (GOOD_PREDS, torch.zeros(2, 3), 1, "exit_step(0) preds are [8] but scores [3]; expected the same shape"),
     (GOOD_PREDS, GOOD_SCORES, 2, "P == len(MethodReport.variants) == 2"),
     (GOOD_PREDS.float(), GOOD_SCORES, 1, "expected integer class ids"),
-    (GOOD_PREDS, torch.tensor([[0.0, float("nan")] * 4, [0.0] * 8]), 1, "4 NaN scores (at exits [0])"),
+    (GOOD_PREDS, torch.tensor([[0.0, float("nan")] * 4, [0.0] * 8]), 1, "exit_step(0) 4 NaN scores"),
     (GOOD_PREDS + torch.tensor([[0] * 7 + [10], [0] * 8]), GOOD_SCORES, 1, "predictions outside [0, 10) (e.g. 10)"),
     (GOOD_PREDS - 1, GOOD_SCORES, 1, "outside [0, 10)"),
 ])
