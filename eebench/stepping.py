@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from eebench.strategy import ExitOutputs, ExitState, ExitStrategy, StepOutput
-from eebench.trace import ExitOutputError, output_values_problem
+from eebench.trace import ExitOutputError, output_values_problem, pair_problem
 
 INF = float("inf")
 
@@ -24,12 +24,11 @@ def exit_stages(strategy: ExitStrategy) -> list[int]:
 def step_problem(out: object, rows: int, variants: int | None, num_classes: int | None) -> str | None:
     """What is wrong with one ``exit_step`` output for ``rows`` rows, or None: ``StepOutput`` of preds
     and scores [B] (or [P, B], P == ``variants`` when known), valid values, a ``detail`` of B rows."""
-    preds, scores = getattr(out, "preds", None), getattr(out, "scores", None)
-    if not isinstance(preds, torch.Tensor) or not isinstance(scores, torch.Tensor):
-        return f"returned {type(out).__name__}; expected StepOutput(preds, scores) of tensors"
+    problem = pair_problem(out, "StepOutput")
+    if problem:
+        return problem
+    preds, scores = out.preds, out.scores  # type: ignore[attr-defined]
     shape = list(preds.shape)
-    if list(scores.shape) != shape:
-        return f"preds are {shape} but scores {list(scores.shape)}; expected the same shape"
     if preds.ndim not in (1, 2) or shape[-1] != rows:
         return f"outputs are {shape} for {rows} rows; expected [B] or [P, B], the batch as the last dimension"
     if preds.ndim == 2 and variants is not None and shape[0] != variants:

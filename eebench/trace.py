@@ -47,16 +47,26 @@ def output_values_problem(preds: torch.Tensor, scores: torch.Tensor, num_classes
     return None
 
 
+def pair_problem(out: object, kind: str) -> str | None:
+    """What is wrong with ``out`` as a ``kind`` (``ExitOutputs``, ``StepOutput``) before its shapes are
+    read, or None: preds and scores must be tensors of one shape."""
+    preds, scores = getattr(out, "preds", None), getattr(out, "scores", None)
+    if not isinstance(preds, torch.Tensor) or not isinstance(scores, torch.Tensor):
+        return f"returned {type(out).__name__}; expected {kind}(preds, scores) of tensors"
+    if list(scores.shape) != list(preds.shape):
+        return f"preds are {list(preds.shape)} but scores {list(scores.shape)}; expected the same shape"
+    return None
+
+
 def output_problem(out: object, *, variants: int, batch: int, num_classes: int | None) -> str | None:
     """What is wrong with one batch of exit outputs, or None: the contract of
     ``ExitOutputs`` (both [E, B], or [P, E, B] with P == ``variants``) and its values. The one check
     the core (``compute_traces``) and the conformance kit (``eebench.testing``) both run."""
-    preds, scores = getattr(out, "preds", None), getattr(out, "scores", None)
-    if not isinstance(preds, torch.Tensor) or not isinstance(scores, torch.Tensor):
-        return f"returned {type(out).__name__}; expected ExitOutputs(preds, scores) of tensors"
+    problem = pair_problem(out, "ExitOutputs")
+    if problem:
+        return problem
+    preds, scores = out.preds, out.scores  # type: ignore[attr-defined]
     shape = list(preds.shape)
-    if list(scores.shape) != shape:
-        return f"preds are {shape} but scores {list(scores.shape)}; expected the same shape"
     if preds.ndim not in (2, 3) or (preds.ndim == 2 and variants != 1) or (preds.ndim == 3 and shape[0] != variants):
         return f"outputs are {shape}; expected [E, B] or [P, E, B] with P == len(MethodReport.variants) == {variants}"
     if shape[-1] != batch:

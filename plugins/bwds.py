@@ -341,9 +341,7 @@ class BWDS(ExitStrategy):
         return list(self.bank.stages)
 
     def exit_step(self, j: int, features: torch.Tensor, state: ExitState) -> StepOutput:
-        head = j == len(self.bank.stages)
-        logits = self.backbone.head(features) if head else self.bank.ics[j](features)
-        return self.step_from_logits(j, logits, state)
+        return self.step_from_logits(j, self.bank.exit_logits(j, features, self.backbone), state)
 
     def step_from_logits(self, j: int, logits: torch.Tensor, state: ExitState,
                          extra: torch.Tensor | None = None) -> StepOutput:

@@ -262,6 +262,10 @@ class ICBank:
     def exit_names(self) -> list[str]:
         return [f"ic@block{s}" for s in self.stages] + ["final"]
 
+    def exit_logits(self, j: int, features: torch.Tensor, backbone: StagedBackbone) -> torch.Tensor:
+        """Exit j's logits: IC j's on its stage's output, or the backbone head's at the final exit."""
+        return backbone.head(features) if j == len(self.stages) else self.ics[j](features)
+
     def macs(self) -> list[float]:
         """Each IC's MACs at batch 1, its softmax (3K) too with ``count_softmax``."""
         extra = softmax_macs(self.context.num_classes) if self.count_softmax else 0.0
