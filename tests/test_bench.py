@@ -52,3 +52,20 @@ def test_bench_refuses_bad_options_and_missing_states_in_one_line(smoke_run: Pat
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("eebench: error: ") and "no saved state" in err[-1]
     assert main(["bench", str(tmp_path / "nowhere")]) == 2
+
+
+def test_a_suites_latency_block_times_its_cells_after_the_run(smoke_run: Path, tmp_path: Path) -> None:
+    """``latency:`` in a suite makes ``eebench run`` time every cell it finished (the same code as bench)."""
+    import yaml
+    from conftest import ROOT
+
+    suite = yaml.safe_load((ROOT / "suites" / "smoke.yaml").read_text())
+    suite["latency"] = {"batch_sizes": [1, 16], "targets": [0.5], "samples": 32, "batch1_samples": 4, "repeats": 1,
+                        "masked": False}
+    path = tmp_path / "timed.yaml"
+    path.write_text(yaml.safe_dump(suite, allow_unicode=True))
+    run = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(run), "--leaderboards", str(tmp_path / "boards")]) == 0
+    (result,) = _results(run)
+    assert set(result["latency"]["policies"]["0.5"]["modes"]) == {"batch1", "compact@16"}
+    assert "Measured speed" in (tmp_path / "boards" / "smoke.md").read_text()
