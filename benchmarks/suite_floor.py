@@ -138,13 +138,17 @@ def eebench_command(*args: str) -> list[str]:
 
 
 def timed_process(command: list[str], env: dict[str, str]) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS in GiB, exit code) of one whole process."""
+    """(wall seconds, peak RSS in GiB, exit code) of one whole process. The peak comes from GNU time
+    (``%M``) where it is installed: a child forked from this process, which has torch loaded, would
+    otherwise start its ``ru_maxrss`` at this process's size."""
+    gnu_time = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
+    wrapped = [gnu_time, "-f", "peak-kib %M", *command] if gnu_time else command
     tick = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
+    process = subprocess.run(wrapped, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - tick
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return wall, usage.ru_maxrss / 2**20, process.returncode
+    peaks = [line for line in process.stderr.splitlines() if line.startswith("peak-kib ")]
+    peak = int(peaks[-1].split()[1]) / 2**20 if peaks else float("nan")
+    return wall, peak, process.returncode
 
 
 def main() -> int:
