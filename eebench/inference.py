@@ -24,6 +24,7 @@ from eebench.errors import EebenchError
 from eebench.policy import runs_high
 from eebench.stepping import ExitPlan, run_early_exit, run_one
 from eebench.strategy import ExitStrategy
+from eebench.trace import paid_exits
 
 MODES = ("batch1", "compact", "masked")
 STATES = "states"
@@ -39,8 +40,7 @@ def save_state(run_dir: Path, cell_id: str, config_hash: str, strategy: ExitStra
     path = state_path(run_dir, cell_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".pt.tmp")
-    state = {key: value for key, value in strategy.state_dict().items()}
-    torch.save({"config_hash": config_hash, "state": _to_cpu(state)}, tmp)
+    torch.save({"config_hash": config_hash, "state": _to_cpu(strategy.state_dict())}, tmp)
     tmp.replace(path)
     return path
 
@@ -116,10 +116,7 @@ class ExitPolicy:
     def row_costs(self, exit_index: torch.Tensor, start: int, costs: ExitCosts, chained: bool) -> torch.Tensor:
         """[N] normalised MACs each sample paid (the MAC model the leaderboard uses)."""
         thresholds, _ = self.rows(start, int(exit_index.numel()))
-        enabled = torch.cat([thresholds != float("inf"), torch.ones_like(thresholds[:, :1], dtype=torch.bool)], 1)
-        if chained:
-            enabled = enabled.flip(-1).cummax(-1).values.flip(-1)
-        table = torch.stack([costs.normalised(row) for row in enabled])  # [N, E]
+        table = costs.normalised(paid_exits(thresholds, chained))  # [N, E]
         return table.gather(1, exit_index.cpu()[:, None])[:, 0]
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from eebench.costs import ExitCosts
-from eebench.trace import ExitTrace
+from eebench.trace import ExitTrace, paid_exits
 
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 _SEED_MULTIPLIER = 0x9E3779B97F4A7C15  # Knuth's multiplicative hash constant, 2^64 / golden ratio
@@ -118,10 +118,7 @@ def vector_outcome(trace: ExitTrace, thresholds: torch.Tensor, costs: ExitCosts)
     """One threshold vector on every sample of ``trace``: where it leaves, whether it is right, what it paid."""
     row = torch.as_tensor(thresholds, dtype=torch.float64).reshape(1, -1)
     first, correct = trace.outcome(row)
-    enabled = torch.cat([row[0] != float("inf"), torch.ones(1, dtype=torch.bool)])
-    if trace.chained:
-        enabled = enabled.flip(-1).cummax(-1).values.flip(-1)
-    paid = costs.normalised(enabled)[first[0]]
+    paid = costs.normalised(paid_exits(row, trace.chained)[0])[first[0]]
     return PolicyOutcome(first[0], correct[0], paid, trace.predictions(row)[0])
 
 

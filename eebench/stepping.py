@@ -62,13 +62,10 @@ def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
 def run_all_exits(strategy: ExitStrategy, x: torch.Tensor) -> tuple[ExitOutputs, list[torch.Tensor | None]]:
     """Every exit's outputs for every row of ``x`` (stages run once), and each exit's ``detail``."""
     state = strategy.init_state(x)
-    stages = strategy.backbone.stages
-    h, done = x, -1
+    h = x
     preds, scores, details = [], [], []
-    for j, tap in enumerate(exit_stages(strategy)):
-        for index in range(done + 1, tap + 1):
-            h = stages[index](h)
-        done = tap
+    for j, segment in enumerate(ExitPlan(strategy).segments):
+        h = _run(segment, h)
         out = checked_step(strategy, j, h, state)
         preds.append(out.preds)
         scores.append(out.scores.double())

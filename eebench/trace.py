@@ -94,6 +94,13 @@ def trace_problem(trace: object, *, samples: int, num_classes: int | None) -> st
     return None
 
 
+def paid_exits(thresholds: torch.Tensor, chained: bool) -> torch.Tensor:
+    """[V, E] which exits a threshold vector ([V, E-1]) pays for: those not switched off (+inf) and the
+    last; for a ``chained`` rule also every exit before the last one paid."""
+    enabled = torch.cat([thresholds != float("inf"), torch.ones_like(thresholds[:, :1], dtype=torch.bool)], 1)
+    return enabled.flip(-1).cummax(-1).values.flip(-1) if chained else enabled
+
+
 @dataclass
 class Evaluation:
     """Results of V threshold vectors on one trace."""
@@ -167,9 +174,7 @@ class ExitTrace:
         out_cost, out_acc, out_counts = [], [], []
         for start in range(0, thresholds.shape[0], chunk):
             block = thresholds[start : start + chunk]
-            enabled = torch.cat([block != float("inf"), torch.ones_like(block[:, :1], dtype=torch.bool)], 1)
-            if self.chained:
-                enabled = enabled.flip(-1).cummax(-1).values.flip(-1)
+            enabled = paid_exits(block, self.chained)
             first, correct = self.outcome(block)  # [v, N] each
             rows = torch.arange(block.shape[0])[:, None] * self.num_exits
             counts = (first + rows).flatten().bincount(minlength=block.shape[0] * self.num_exits)

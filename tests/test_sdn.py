@@ -163,12 +163,18 @@ def test_trained_ics_beat_chance_and_their_untrained_selves(fitted, small_fmnist
     assert sum(trained_acc) / len(trained_acc) > sum(untrained_acc) / len(untrained_acc) + 0.15
 
 
-def test_most_confident_fallback_returns_the_most_confident_exit(fitted, small_fmnist) -> None:
-    strategy, *_ = fitted
-    _, _, test = small_fmnist
+def with_most_confident_fallback(strategy: SDN) -> SDN:
+    """The same fitted ICs under SDN's most-confident fallback."""
     other = SDN(strategy.backbone, strategy.context, fallback="most_confident")
     other.bank.ics.load_state_dict(strategy.bank.ics.state_dict())
     other.eval()
+    return other
+
+
+def test_most_confident_fallback_returns_the_most_confident_exit(fitted, small_fmnist) -> None:
+    strategy, *_ = fitted
+    _, _, test = small_fmnist
+    other = with_most_confident_fallback(strategy)
     plain = strategy.exit_outputs(test.images)
     fallback = other.exit_outputs(test.images)
     best = plain.scores.argmax(0)
@@ -236,8 +242,7 @@ def test_executor_matches_the_trace_with_the_most_confident_fallback(fitted, sma
     (which every IC feeds, even one switched off) returns what the trace's does."""
     strategy, *_ = fitted
     _, _, test = small_fmnist
-    other = SDN(strategy.backbone, strategy.context, fallback="most_confident")
-    other.bank.ics.load_state_dict(strategy.bank.ics.state_dict())
+    other = with_most_confident_fallback(strategy)
     traces = compute_traces(other, test, batch_size=100, device="cpu")
     assert_executor_matches(other, traces, test.images)
 
@@ -258,9 +263,7 @@ def test_calibration_trace_with_the_fallback_comes_from_the_cache(fitted, small_
     """The cached calibration trace runs the same most-confident rule, through the state, as exit_step."""
     strategy, *_ = fitted
     _, train, _ = small_fmnist
-    other = SDN(strategy.backbone, strategy.context, fallback="most_confident")
-    other.bank.ics.load_state_dict(strategy.bank.ics.state_dict())
-    other.eval()
+    other = with_most_confident_fallback(strategy)
     plain = strategy.split_traces(train)[0]
     cached = other.split_traces(train)[0]
     best = plain.scores.argmax(0)
