@@ -8,7 +8,9 @@ eval mode and unchanged, which is exactly the frozen-backbone setting.
 
 Anything else a method derives from the frozen backbone on a split (class-mean statistics,
 say) is shared the same way through ``ActivationCache.shared``: the first method to ask
-computes it, every later one with the same name reads it.
+computes it, every later one with the same name reads it. Such a method walks the split with
+``frozen_pass``, and that pass also fills every activation product the run's methods declared
+(``want``, from ``ExitStrategy.frozen_products``), so one forward pass feeds both.
 
 Every entry keeps the wall seconds its computation took, so the core charges each reader
 (``Budget.read_shared``, via ``ExitStrategy.shared_activations`` / ``shared_result``) the
@@ -18,7 +20,7 @@ same pass at the same price, whichever cell paid for it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -46,6 +48,46 @@ class Activations:
 
 
 @dataclass(frozen=True)
+class FrozenBatch:
+    """One batch of a frozen pass: every exit point's stage output, the last stage's output (the head's
+    input) and the labels, on the pass's device."""
+
+    outputs: dict[int, torch.Tensor]
+    last: torch.Tensor
+    labels: torch.Tensor
+
+
+class _ActivationWriter:
+    """Fills one ``Activations`` batch by batch, into tensors sized on the first batch (list-then-cat
+    would hold twice the cache's size at the end)."""
+
+    def __init__(self, total: int, reducer: Reducer, storage_dtype: torch.dtype) -> None:
+        self.total, self.reducer, self.storage_dtype = total, reducer, storage_dtype
+        self.features: dict[int, torch.Tensor] = {}
+        self.logits: torch.Tensor | None = None
+        self.labels = torch.empty(total, dtype=torch.long)
+        self.start = 0
+
+    def add(self, batch: FrozenBatch, head: torch.Tensor) -> None:
+        stop = self.start + int(batch.labels.shape[0])
+        for index, out in batch.outputs.items():
+            reduced = self.reducer(index, out)
+            if index not in self.features:
+                self.features[index] = torch.empty((self.total, *reduced.shape[1:]), dtype=self.storage_dtype)
+            self.features[index][self.start:stop] = reduced.to("cpu", self.storage_dtype)
+        head = head.float().cpu()
+        if self.logits is None:
+            self.logits = torch.empty((self.total, *head.shape[1:]), dtype=head.dtype)
+        self.logits[self.start:stop] = head
+        self.labels[self.start:stop] = batch.labels.cpu()
+        self.start = stop
+
+    def finish(self, exit_points: list[int]) -> Activations:
+        ordered = {s: self.features[s] for s in exit_points if s in self.features}
+        return Activations(ordered, self.logits if self.logits is not None else torch.empty(0), self.labels)
+
+
+@dataclass(frozen=True)
 class SharedPass:
     """One read of the cache: the value, whether it was already held, and the wall seconds its
     computation took (whoever paid for it)."""
@@ -64,6 +106,12 @@ class ActivationCache:
         self._store: dict[tuple[str, int, str], tuple[Dataset, Any, float]] = {}  # (dataset, value, seconds)
         self.forward_samples = 0  # what the activations really cost, summed over the run
         self.computed: dict[str, int] = {}  # name -> how many times it was computed (sharing off: every ask)
+        self._wanted: dict[str, Reducer] = {}  # activation products a frozen pass fills on its way
+
+    def want(self, reducer_key: str, reducer: Reducer) -> None:
+        """Declare an activation product some method of the run will read (``read_activations`` with
+        ``reducer_key``): the first ``frozen_pass`` over a split fills it from the same forward pass."""
+        self._wanted.setdefault(reducer_key, reducer)
 
     def get(self, backbone: StagedBackbone, dataset: Dataset, reducer: Reducer,
             **keys: Any) -> tuple[Activations, bool]:
@@ -121,32 +169,46 @@ class ActivationCache:
         for key in [k for k in self._store if k[0] != backbone_key]:
             del self._store[key]
 
-    @torch.no_grad()
+    def frozen_pass(self, backbone: StagedBackbone, dataset: Dataset, *, backbone_key: str, batch_size: int,
+                    device: torch.device | str, description: str = "frozen pass") -> Iterator[FrozenBatch]:
+        """One pass of the frozen ``backbone`` over ``dataset``, batch by batch (every exit point's output);
+        on the way it fills each wanted activation product not yet held for ``dataset`` (sharing on), which
+        then reads as already computed, at this pass's wall seconds."""
+        backbone.eval()
+        fill = {key: reducer for key, reducer in self._wanted.items()
+                if self.share and self.peek(backbone_key, dataset, key) is None}
+        writers = {key: _ActivationWriter(len(dataset), reducer, self.storage_dtype) for key, reducer in fill.items()}
+        wanted = set(backbone.exit_points)
+        started = time.perf_counter()
+        for x, y in iterate_batches(dataset, batch_size, device=device, description=description):
+            with torch.no_grad():
+                outputs, out = {}, x
+                for index, out in backbone.iter_stages(x):
+                    if index in wanted:
+                        outputs[index] = out
+                batch = FrozenBatch(outputs, out, y)
+                if writers:
+                    head = backbone.head(out)
+                    for writer in writers.values():
+                        writer.add(batch, head)
+            yield batch
+        seconds = time.perf_counter() - started
+        for key, writer in writers.items():
+            self._store[(backbone_key, id(dataset), key)] = (dataset, writer.finish(list(backbone.exit_points)),
+                                                             seconds)
+            self.computed[key] = self.computed.get(key, 0) + 1  # no forward samples: the pass was its runner's
+
     def _compute(self, backbone: StagedBackbone, dataset: Dataset, reducer: Reducer, batch_size: int,
                  device: torch.device | str) -> Activations:
-        """One pass; outputs are written into tensors sized on the first batch, so the cache never
-        needs a second copy of itself (list-then-cat would hold twice its size at the end)."""
+        """One pass writing one product."""
+        writer = _ActivationWriter(len(dataset), reducer, self.storage_dtype)
         backbone.eval()
         wanted = set(backbone.exit_points)
-        total = len(dataset)
-        features: dict[int, torch.Tensor] = {}
-        logits: torch.Tensor | None = None
-        labels = torch.empty(total, dtype=torch.long)
-        start = 0
-        for x, y in iterate_batches(dataset, batch_size, device=device, description="shared activations"):
-            stop = start + int(y.shape[0])
-            out = x
-            for index, out in backbone.iter_stages(x):
-                if index in wanted:
-                    reduced = reducer(index, out)
-                    if index not in features:
-                        features[index] = torch.empty((total, *reduced.shape[1:]), dtype=self.storage_dtype)
-                    features[index][start:stop] = reduced.to("cpu", self.storage_dtype)
-            head = backbone.head(out).float().cpu()
-            if logits is None:
-                logits = torch.empty((total, *head.shape[1:]), dtype=head.dtype)
-            logits[start:stop] = head
-            labels[start:stop] = y.cpu()
-            start = stop
-        ordered = {s: features[s] for s in backbone.exit_points if s in features}
-        return Activations(ordered, logits if logits is not None else torch.empty(0), labels)
+        with torch.no_grad():
+            for x, y in iterate_batches(dataset, batch_size, device=device, description="shared activations"):
+                outputs, out = {}, x
+                for index, out in backbone.iter_stages(x):
+                    if index in wanted:
+                        outputs[index] = out
+                writer.add(FrozenBatch(outputs, out, y), backbone.head(out))
+        return writer.finish(list(backbone.exit_points))

@@ -13,11 +13,16 @@ A factory may declare its parameters as a pydantic model deriving from :class:`P
 class attribute ``Params = MyParams`` on the class, or ``@params_model(MyParams)`` on a function.
 ``eebench validate`` and ``eebench run`` then check a suite's ``params`` against it, and the
 plugin is built from the validated values (see ``eebench.params``).
+
+A register hook should register ``lazy("module:Name", params=MyParams, ...)`` (``eebench.lazy``)
+rather than the class itself, from a module that imports neither torch nor this one (import
+``lazy`` and ``Params`` from ``eebench.lazy`` and ``eebench.params`` there): every command loads
+every plugin's hooks, and ``lazy`` imports the implementation only when it is used.
 """
 
 from __future__ import annotations
 
-from eebench.activations import ActivationCache, Activations, Reducer
+from eebench.activations import ActivationCache, Activations, FrozenBatch, Reducer
 from eebench.budget import BatchStream, Budget, Charge, Spend, TrainingBudget
 from eebench.calibration import Calibrator, upper_hull
 from eebench.costs import (
@@ -38,6 +43,7 @@ from eebench.costs import (
 )
 from eebench.datasets import DatasetBundle, TensorImageDataset, random_crop_flip, take
 from eebench.errors import EebenchError, check_finite_loss
+from eebench.lazy import LazyFactory, lazy
 from eebench.model import StagedBackbone
 from eebench.params import Params, params_model
 from eebench.passes import iterate_batches
@@ -61,6 +67,7 @@ __all__ = [
     "MAC_EQUIVALENTS",
     "ActivationCache",
     "Activations",
+    "FrozenBatch",
     "Reducer",
     "BatchStream",
     "Budget",
@@ -73,6 +80,7 @@ __all__ = [
     "ExitState",
     "ExitStrategy",
     "ExitTrace",
+    "LazyFactory",
     "MethodContext",
     "MethodReport",
     "OperatingPoint",
@@ -92,6 +100,7 @@ __all__ = [
     "exit_costs_at",
     "exit_fires",
     "iterate_batches",
+    "lazy",
     "multiply_add_macs",
     "params_model",
     "pool_macs",

@@ -26,6 +26,13 @@ class Calibrator(ABC):
     def thresholds(self, trace: ExitTrace, costs: ExitCosts, generator: torch.Generator) -> torch.Tensor:
         """Candidate threshold vectors; +inf disables an exit (no overhead paid)."""
 
+    def variant_thresholds(self, traces: list[ExitTrace], costs: ExitCosts,
+                           generator: torch.Generator) -> list[torch.Tensor]:
+        """Candidates for each rule variant's trace (what the core asks for). By default ``thresholds``
+        per variant; a calibrator with a candidate budget may share it across the variants instead, so
+        that a method with many variants does not get many times the candidates of one with one."""
+        return [self.thresholds(trace, costs, generator) for trace in traces]
+
 
 def upper_hull(cost: torch.Tensor, accuracy: torch.Tensor) -> list[int]:
     """Indices of the upper convex hull, from the cheapest point to the most accurate one.

@@ -7,7 +7,9 @@ refused, NaN and infinities refused) and attaches it to its factory:
   ``Params = MyParams``; a subclass that overrides ``__init__`` without declaring its own
   ``Params`` is checked against its signature instead of the parent's schema;
 * a function factory (or a ``functools.partial``) is decorated with ``@params_model(MyParams)``
-  (or gets ``factory.Params = MyParams``).
+  (or gets ``factory.Params = MyParams``);
+* a lazy factory (``eebench.lazy.lazy("module:Name", params=MyParams)``) is given it, so that
+  checking a suite imports nothing heavy (keep ``MyParams`` in a module that imports pydantic only).
 
 ``validate`` checks the suite's ``params`` against the model; ``run`` builds the plugin from the
 validated model's values (``Params.to_kwargs()``: the parameters the suite gave, parsed and
@@ -26,6 +28,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from eebench.errors import EebenchError
+from eebench.lazy import LazyFactory, resolve
 
 
 class Params(BaseModel):
@@ -69,6 +72,9 @@ def declared_params(factory: Any) -> type[BaseModel] | None:
         model = getattr(factory, "__dict__", {}).get("Params")
         if _is_model(model):
             return model
+        if isinstance(factory, LazyFactory):
+            factory = resolve(factory)  # a lazy factory given no params: the target's own (importing it)
+            continue
         inner = getattr(factory, "__wrapped__", None) or getattr(factory, "func", None)
         if inner is None:
             return None

@@ -302,7 +302,7 @@ class Runner:
         generator = torch.Generator().manual_seed(cell.seed)
         self._blame("calibrate", "calibrators", work.calibrator_name)
         with plugin_errors(self.where, f"methods[{m}].calibrator", params_key=f"methods[{m}].calibrator.params"):
-            candidates = [work.calibrator.thresholds(trace, exit_costs, generator) for trace in calibration_traces]
+            candidates = work.calibrator.variant_thresholds(calibration_traces, exit_costs, generator)
         self._blame("calibrate", "exit_strategies", method)
         report = strategy.report()
         metrics = report.extra_metrics or _no_metrics
@@ -644,9 +644,24 @@ def run_suite(suite: Suite, registry: Registry, *, suite_path: str, run_dir: Pat
                           share_activations=share_activations)
 
 
+def _declare_frozen_products(runner: Runner, registry: Registry, cells: list[Cell]) -> None:
+    """Tell the run's activation cache what the methods still to run will read (their strategies'
+    ``frozen_products``), so the first frozen pass over a split fills it; a factory that cannot say
+    (a function, or one that fails to load: its cell will report that) declares nothing."""
+    for name in dict.fromkeys(cell.method.name for cell in cells):
+        try:
+            products = getattr(registry.get("exit_strategies", name), "frozen_products", None)
+        except Exception:  # noqa: BLE001 -- the cell itself reports a plugin that cannot load
+            continue
+        for key, reducer in dict(products or {}).items():
+            runner.activations.want(key, reducer)
+
+
 def _run_cells(suite: Suite, registry: Registry, cells: list[Cell], *, suite_path: str, run_dir: Path,
                device: torch.device, log: Callable[[str], None], share_activations: bool) -> RunReport:
     runner = Runner(suite, registry, suite_path=suite_path, device=device, share_activations=share_activations)
+    _declare_frozen_products(runner, registry, [c for c in cells if not finished(run_dir, c.cell_id, c.config_hash,
+                                                                                   str(device))])
     report = RunReport(run_dir)
     start = time.perf_counter()
     for index, cell in enumerate(cells, 1):

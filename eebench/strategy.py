@@ -11,15 +11,15 @@ cannot disagree.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from eebench.activations import ActivationCache, Activations, Reducer, Shared
+from eebench.activations import ActivationCache, Activations, FrozenBatch, Reducer, Shared
 from eebench.budget import Budget, Charge
 from eebench.costs import ExitCosts, StageCosts
 from eebench.datasets import Augment
@@ -135,12 +135,16 @@ class ExitStrategy(ABC):
     so switching an early exit off does not save its overhead.
     ``default_calibrator``: the calibrator used when the suite names none.
     ``notes``: deviations from the paper, shown in the leaderboard.
+    ``frozen_products``: the activations (reducer key -> reducer) the method reads with
+    ``shared_activations`` on its training split; the core has the run's first frozen pass over
+    that split (``frozen_pass``, e.g. E²CM's class-mean statistics) fill them on its way.
     """
 
     strict: bool = True
     chained: bool = False
     default_calibrator: str = "per-exit-bisection"
     notes: str = ""
+    frozen_products: ClassVar[Mapping[str, Reducer]] = {}
 
     def __init__(self, backbone: StagedBackbone, context: MethodContext) -> None:
         self.backbone = backbone
@@ -269,6 +273,14 @@ class ExitStrategy(ABC):
             self.backbone, dataset, reducer, backbone_key=key, reducer_key=reducer_key,
             batch_size=self.context.batch_size, device=self.context.device,
         ), charge)
+
+    def frozen_pass(self, dataset: Dataset, description: str = "frozen pass") -> Iterator[FrozenBatch]:
+        """One pass of the *frozen* backbone over ``dataset``, batch by batch, with every exit point's output:
+        for statistics a method derives itself (inside ``shared_result``'s compute). The run's cache fills
+        every declared ``frozen_products`` from the same pass, so no method pays a pass for those."""
+        ctx = self.context
+        return ctx.activations.frozen_pass(self.backbone, dataset, backbone_key=self._cache_key(),
+                                           batch_size=ctx.batch_size, device=ctx.device, description=description)
 
     def shared_result(self, dataset: Dataset, name: str, compute: Callable[[], Shared], budget: Budget,
                       charge: Charge) -> Shared:

@@ -38,6 +38,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from eebench.errors import EebenchError, build_plugin
+from eebench.lazy import LazyFactory, declared_attribute, resolve
 from eebench.params import check_params, location, printable
 from eebench.plugins import Registry
 
@@ -484,10 +485,17 @@ def check_names(suite: Suite, where: str) -> None:
 
 
 def _serves(methods: Any, name: str, factory: Any) -> bool:
-    """A calibrator's ``for_methods`` (registered names or ExitStrategy classes) covers this method."""
-    target = inspect.unwrap(factory) if callable(factory) else factory
-    return any(m == name if isinstance(m, str) else isinstance(target, type) and isinstance(m, type)
-               and issubclass(target, m) for m in methods)
+    """A calibrator's ``for_methods`` (registered names or ExitStrategy classes) covers this method.
+
+    Names are compared as they are; a class entry (a third party's) imports a lazy method to compare.
+    """
+    if any(m == name for m in methods if isinstance(m, str)):
+        return True
+    classes = [m for m in methods if isinstance(m, type)]
+    if not classes:
+        return False
+    target = resolve(inspect.unwrap(factory)) if callable(factory) else factory
+    return isinstance(target, type) and any(issubclass(target, m) for m in classes)
 
 
 def check_plugins(suite: Suite, registry: Registry, where: str) -> None:
@@ -504,14 +512,15 @@ def check_plugins(suite: Suite, registry: Registry, where: str) -> None:
         if spec.calibrator is not None:
             name, key = spec.calibrator.name, f"methods[{i}].calibrator"
             cal = registry.get("calibrators", name, where=where, key=f"{key}.name")
-            # calibrators are cheap to build: a value only the constructor rejects fails here, before any work
-            build_plugin(cal, where, f"{key}.params",
-                         params=check_params(cal, spec.calibrator.params, where=where, key=f"{key}.params"))
+            kwargs = check_params(cal, spec.calibrator.params, where=where, key=f"{key}.params")
+            if not isinstance(cal, LazyFactory):  # a lazy one's Params refuses what its constructor would
+                # calibrators are cheap to build: a value only the constructor rejects fails here, before any work
+                build_plugin(cal, where, f"{key}.params", params=kwargs)
         else:
-            name = getattr(factory, "default_calibrator", None)
+            name = declared_attribute(factory, "default_calibrator")
             key = f"methods[{i}] (default calibrator)"
             cal = registry.get("calibrators", name, where=where, key=key) if name else None
-        methods = getattr(cal, "for_methods", None) if cal is not None else None
+        methods = declared_attribute(cal, "for_methods") if cal is not None else None
         if isinstance(methods, (tuple, list, frozenset, set)) and methods and not _serves(methods, spec.name, factory):
             served = ", ".join(sorted(n for n, f in registry.factories["exit_strategies"].items()
                                       if _serves(methods, n, f))) or "other methods"
@@ -519,9 +528,10 @@ def check_plugins(suite: Suite, registry: Registry, where: str) -> None:
                                "calibrator", where=where, key=key)
     for i, spec in enumerate(suite.budgets):
         factory = registry.get("budgets", spec.name, where=where, key=f"budgets[{i}].name")
-        # budgets are cheap to build: bad values (epochs: 0) fail here, before any training
-        build_plugin(factory, where, f"budgets[{i}].params",
-                     params=check_params(factory, spec.params, where=where, key=f"budgets[{i}].params"))
+        kwargs = check_params(factory, spec.params, where=where, key=f"budgets[{i}].params")
+        if not isinstance(factory, LazyFactory):  # a lazy one's Params refuses what its constructor would
+            # budgets are cheap to build: bad values (epochs: 0) fail here, before any training
+            build_plugin(factory, where, f"budgets[{i}].params", params=kwargs)
 
 
 def expand(suite: Suite) -> list[Cell]:

@@ -171,7 +171,8 @@ class ExitTrace:
         if thresholds.shape[1] != self.num_exits - 1:
             raise ValueError(f"expected {self.num_exits - 1} thresholds, got {thresholds.shape[1]}")
         chunk = chunk or max(1, int(2e7 // max(1, self.num_samples)))
-        out_cost, out_acc, out_counts = [], [], []
+        out_cost, out_acc = [torch.empty(0, dtype=torch.float64)], [torch.empty(0, dtype=torch.float64)]
+        out_counts = [torch.empty(0, self.num_exits, dtype=torch.long)]
         for start in range(0, thresholds.shape[0], chunk):
             block = thresholds[start : start + chunk]
             enabled = paid_exits(block, self.chained)

@@ -39,14 +39,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 from torch.utils.data import Dataset
 
-from eebench import hookimpl
 from eebench.api import (
     Budget,
     ExitCosts,
@@ -54,7 +52,6 @@ from eebench.api import (
     ExitStrategy,
     MethodContext,
     MethodReport,
-    Params,
     StagedBackbone,
     StepOutput,
     count_macs,
@@ -71,36 +68,7 @@ from eebench_plugins.joint_training import (
     reset_to_fresh,
     train_jointly,
 )
-
-WEIGHT_PRESETS: dict[str, tuple[float, float, float]] = {
-    "e2cm": (1 / 6, 1 / 4, 1.0),
-    "equal": (1.0, 1.0, 1.0),
-    "paper": (1.0, 1.0, 0.3),
-}
-
-
-class BranchyNetParams(Params):
-    """``weights``: a preset name or 3 loss weights; see the class for the rest."""
-
-    weights: Any = "e2cm"
-    second_at: float = Field(1 / 3, gt=0, lt=1)
-    branch_channels: int | None = Field(None, ge=1, le=4096)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    from_scratch: bool = False
-    schedule: Literal["cosine", "constant"] = "cosine"
-    count_softmax: bool = False
-
-    @field_validator("weights")
-    @classmethod
-    def _weights(cls, value: Any) -> str | list[float]:
-        numbers = isinstance(value, list) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-        if not isinstance(value, str) and not numbers:
-            raise ValueError(f"weights must be one of {', '.join(WEIGHT_PRESETS)} or a list of 3 numbers, "
-                             f"got {value!r}")
-        resolve_weights(value)
-        return value if isinstance(value, str) else [float(v) for v in value]
+from eebench_plugins.manifests.branchynet import WEIGHT_PRESETS, BranchyNetParams
 
 
 class Branch(nn.Module):
@@ -272,8 +240,3 @@ class BranchyNet(ExitStrategy):
     def report(self) -> MethodReport:
         names = ["branch@stem", f"branch@block{self.branch_stages[1]}", "final"]
         return MethodReport(exit_names=names, notes=self.notes, native_thresholds=self.entropy_units)
-
-
-@hookimpl
-def register_exit_strategies(register) -> None:
-    register("branchynet", BranchyNet)

@@ -1,32 +1,14 @@
 """Built-in training budgets: epochs, samples and wall seconds.
 
-Each declares its parameters (``Params``): a positive, finite amount with a sane ceiling, so
-``eebench validate`` refuses a budget the run could not honour (``epochs: .inf`` would overflow
-the sample count).
+Each declares its parameters (``Params``, from ``eebench_plugins.manifests.budgets``): a positive,
+finite amount with a sane ceiling, so ``eebench validate`` refuses a budget the run could not honour
+(``epochs: .inf`` would overflow the sample count).
 """
 
 from __future__ import annotations
 
-from pydantic import Field
-
-from eebench import hookimpl
-from eebench.api import Params, TrainingBudget
-
-MAX_EPOCHS = 1_000_000
-MAX_SAMPLES = 10**15
-MAX_SECONDS = 1e9  # about 31 years
-
-
-class EpochsParams(Params):
-    epochs: float = Field(1, gt=0, le=MAX_EPOCHS)
-
-
-class SamplesParams(Params):
-    samples: int = Field(gt=0, le=MAX_SAMPLES)
-
-
-class SecondsParams(Params):
-    seconds: float = Field(gt=0, le=MAX_SECONDS)
+from eebench.api import TrainingBudget
+from eebench_plugins.manifests.budgets import EpochsParams, SamplesParams, SecondsParams
 
 
 class EpochsBudget(TrainingBudget):
@@ -70,10 +52,3 @@ class SecondsBudget(TrainingBudget):
         if seconds <= 0:
             raise ValueError("seconds must be > 0")
         super().__init__(max_seconds=float(seconds))
-
-
-@hookimpl
-def register_budgets(register) -> None:
-    register("epochs", EpochsBudget)
-    register("samples", SamplesBudget)
-    register("seconds", SecondsBudget)

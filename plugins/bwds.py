@@ -89,15 +89,12 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator, Sequence
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
 from torch import nn
 from torch.utils.data import Dataset
 
-from eebench import hookimpl
 from eebench.api import (
     BatchStream,
     Budget,
@@ -123,30 +120,14 @@ from eebench_plugins.internal_classifiers import (
     REDUCER_KEY,
     SDN_FRACTIONS,
     ICBank,
-    ICParams,
     drop_lr,
     ic_reducer,
     index_dataset,
     lr_drop_at,
 )
+from eebench_plugins.manifests.bwds import DEFAULT_LAMBDAS, BWDSParams
 
-DEFAULT_LAMBDAS = tuple(float(v) for v in torch.logspace(-4, 1, 25, dtype=torch.float64))
 SCHEDULES = ("per-exit", "ics-first")
-
-
-class BWDSParams(ICParams):
-    """SDN's IC parameters plus ``lambdas`` (rule variants), ``policy_lr`` and ``schedule``."""
-
-    lambdas: list[float] = Field(default_factory=lambda: list(DEFAULT_LAMBDAS), max_length=1000)
-    policy_lr: float = Field(1e-2, gt=0)
-    schedule: Literal["per-exit", "ics-first"] = "per-exit"
-
-    @field_validator("lambdas")
-    @classmethod
-    def _lambdas(cls, value: list[float]) -> list[float]:
-        if not value or any(not v > 0 for v in value):
-            raise ValueError(f"lambdas must be a non-empty list of positive numbers, got {value}")
-        return value
 
 
 def policy_inputs(logits: torch.Tensor) -> torch.Tensor:
@@ -280,6 +261,7 @@ class BWDS(ExitStrategy):
     (module doc)."""
 
     Params = BWDSParams
+    frozen_products = {REDUCER_KEY: ic_reducer}  # filled by the run's first frozen pass (E²CM's, say)
 
     strict = True
     chained = False
@@ -288,7 +270,8 @@ class BWDS(ExitStrategy):
         "BWDS [spec §4.1 proposal, no public code]: SDN ICs (IC-only, cached un-augmented activations) + one "
         "logistic-regression policy per IC on sorted softmax/entropy/max-prob, trained backwards (last IC first) "
         "as weighted binary classification; 25 λ in [1e-4, 10] as rule variants, per-exit threshold shifts, "
-        "one calibration hull. Budget split equally over the J decision functions, trained backwards, IC j "
+        "one calibration hull (the calibrator's cost targets shared among the λ variants). "
+        "Budget split equally over the J decision functions, trained backwards, IC j "
         "trained together with its policy on the same batches (schedule: per-exit): epochs: 6 with 6 ICs = "
         "one epoch per decision function, a deviation-free match of the paper's 6 epochs for the decision "
         "functions, with one epoch per IC (SDN's ICs get six); seconds budgets: one epoch per phase until "
@@ -484,8 +467,3 @@ def phase_shares(planned: int | None, train_size: int, phases: int) -> list[int]
         return [int(train_size)] * phases
     base, extra = divmod(int(planned), phases)
     return [base + (1 if k < extra else 0) for k in range(phases)]
-
-
-@hookimpl
-def register_exit_strategies(register) -> None:
-    register("bwds", BWDS)

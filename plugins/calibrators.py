@@ -7,26 +7,9 @@ evaluates those vectors on test; a calibrator never sees the test split.
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
-from eebench import hookimpl
-from eebench.api import Calibrator, ExitCosts, ExitTrace, Params, exit_fires
-
-MAX_CANDIDATES = 100_000  # threshold vectors one calibrator proposes (memory grows with them)
-
-
-class PerExitBisectionParams(Params):
-    targets: int = Field(1000, ge=1, le=MAX_CANDIDATES)
-    sweeps: int = Field(4, ge=1, le=1000)
-    tolerance: float = Field(5e-4, ge=0, le=1)
-
-
-class SharedThresholdParams(Params):
-    points: int = Field(1000, ge=1, le=MAX_CANDIDATES)
-
-
-class RandomSearchParams(Params):
-    samples: int = Field(100, ge=1, le=MAX_CANDIDATES)
+from eebench.api import Calibrator, ExitCosts, ExitTrace, exit_fires
+from eebench_plugins.manifests.calibrators import PerExitBisectionParams, RandomSearchParams, SharedThresholdParams
 
 
 def _boundaries(sorted_desc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,19 +112,39 @@ def disable_unused_exits(trace: ExitTrace, thresholds: torch.Tensor) -> torch.Te
 class PerExitBisection(Calibrator):
     """Per-exit binary search with alternating optimisation (E2CM paper, Sec. IV-A).
 
-    ``targets`` cost targets spaced evenly over (0, 1] (1000: the paper's 0.001 grid).
+    ``targets`` cost targets spaced evenly over (0, 1] (1000: the paper's 0.001 grid), shared by the
+    method's rule variants: of V variants, variant v searches targets v+1, v+1+V, … (each still spans
+    the whole cost range), so every method proposes ``targets`` vectors whatever its variant count
+    and the search costs the same; ``per_variant: true`` gives each variant all ``targets`` instead.
     """
 
     Params = PerExitBisectionParams
 
-    def __init__(self, targets: int = 1000, sweeps: int = 4, tolerance: float = 5e-4) -> None:
+    def __init__(self, targets: int = 1000, sweeps: int = 4, tolerance: float = 5e-4,
+                 per_variant: bool = False) -> None:
         self.targets = targets
         self.sweeps = sweeps
         self.tolerance = tolerance
+        self.per_variant = per_variant
 
     def thresholds(self, trace: ExitTrace, costs: ExitCosts, generator: torch.Generator) -> torch.Tensor:
-        goal = torch.arange(1, self.targets + 1, dtype=torch.float64) / self.targets
-        found = per_exit_search(trace, costs, goal, generator, sweeps=self.sweeps, tolerance=self.tolerance)
+        return self._search(trace, costs, generator, self._goals())
+
+    def variant_thresholds(self, traces: list[ExitTrace], costs: ExitCosts,
+                           generator: torch.Generator) -> list[torch.Tensor]:
+        goals = self._goals()
+        if self.per_variant:
+            return [self._search(trace, costs, generator, goals) for trace in traces]
+        return [self._search(trace, costs, generator, goals[v :: len(traces)]) for v, trace in enumerate(traces)]
+
+    def _goals(self) -> torch.Tensor:
+        return torch.arange(1, self.targets + 1, dtype=torch.float64) / self.targets
+
+    def _search(self, trace: ExitTrace, costs: ExitCosts, generator: torch.Generator,
+                goals: torch.Tensor) -> torch.Tensor:
+        if goals.numel() == 0:  # more variants than targets
+            return torch.empty(0, trace.num_exits - 1, dtype=torch.float64)
+        found = per_exit_search(trace, costs, goals, generator, sweeps=self.sweeps, tolerance=self.tolerance)
         return disable_unused_exits(trace, found)
 
 
@@ -175,9 +178,3 @@ class RandomSearch(Calibrator):
         picks = (levels * (trace.num_samples - 1)).round().long()
         return torch.stack([sorted_scores[j, picks[:, j]] for j in range(trace.num_exits - 1)], dim=1)
 
-
-@hookimpl
-def register_calibrators(register) -> None:
-    register("per-exit-bisection", PerExitBisection)
-    register("shared-threshold", SharedThresholdSweep)
-    register("random-search", RandomSearch)

@@ -53,11 +53,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
 from torch import nn
 from torch.utils.data import Dataset
 
-from eebench import hookimpl
 from eebench.api import (
     Budget,
     Calibrator,
@@ -68,7 +66,6 @@ from eebench.api import (
     ExitTrace,
     MethodContext,
     MethodReport,
-    Params,
     StagedBackbone,
     StepOutput,
     check_finite_loss,
@@ -76,54 +73,13 @@ from eebench.api import (
     exit_costs_at,
     seeded_modules,
 )
-
-MAX_BETA = 0.99  # the β search's highest level and upper clamp
-DEFAULT_TOLERANCES = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5)
-MIN_STEP = 1e-4  # the β search's finest step (0.99 / step levels per exit)
-
-
-class ClassExclusionParams(Params):
-    """``exit_stages``: increasing exit points before the last stage (default: all of them; checked
-    against the backbone when the cell starts); the rest as in the class docstring."""
-
-    exit_stages: list[int] | None = None
-    expansion: int = Field(1, ge=1, le=64)
-    pos_weight: float | None = Field(None, gt=0)
-    lr: float = Field(0.02, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    from_scratch: bool = False
-
-    @field_validator("exit_stages")
-    @classmethod
-    def _stages(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and (not value or any(s < 0 for s in value) or value != sorted(set(value))):
-            raise ValueError(f"exit_stages must be a non-empty increasing list of exit points (>= 0), got {value}")
-        return value
-
-
-class ClassExclusionSearchParams(Params):
-    """``tolerances``: accuracy drops in [0, 1] (one β vector each); ``step``: the β search's step;
-    ``order``: the exits' search order (default: by the MACs of the segment before each)."""
-
-    tolerances: list[float] = Field(default_factory=lambda: list(DEFAULT_TOLERANCES), min_length=1, max_length=1000)
-    step: float = Field(0.01, ge=MIN_STEP, le=MAX_BETA)
-    order: list[int] | None = None
-
-    @field_validator("tolerances")
-    @classmethod
-    def _tolerances(cls, value: list[float]) -> list[float]:
-        bad = [t for t in value if not 0 <= t <= 1]
-        if bad:
-            raise ValueError(f"tolerances must be accuracy drops in [0, 1], got {bad[0]}")
-        return value
-
-    @field_validator("order")
-    @classmethod
-    def _order(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and (any(j < 0 for j in value) or len(set(value)) != len(value)):
-            raise ValueError(f"order must list distinct exit indices (>= 0), got {value}")
-        return value
+from eebench_plugins.manifests.class_exclusion import (
+    DEFAULT_TOLERANCES,
+    MAX_BETA,
+    MIN_STEP,
+    ClassExclusionParams,
+    ClassExclusionSearchParams,
+)
 
 
 class ExclusionHead(nn.Module):
@@ -364,15 +320,82 @@ class ClassExclusion(ExitStrategy):
         return exit_costs_at(self.context.stage_costs, self.exit_stages, [h.macs() for h in self.heads])
 
 
+def level_accuracies(trace: ClassExclusionTrace, betas: torch.Tensor, exit_index: int,
+                     levels: torch.Tensor) -> torch.Tensor:
+    """[L] calibration accuracy of ``betas`` with β[exit_index] set to each level (0 < level < 1).
+
+    Exact and one pass instead of one per level: the exits before ``exit_index`` do not depend on its β,
+    so their alive sets are computed once; at the exit, level L keeps the candidates (the alive set plus
+    the top class) scoring above L·max, which is always the m(L) best of them, so only the K prefix sets
+    of the candidates sorted by score are carried through the later exits, and each level reads the
+    outcome of its own prefix size per sample. Same comparisons, same float64 products as
+    ``exclusion_outcome``, same mean: the numbers of evaluating every level in full.
+    """
+    scores, final, labels = trace.exclusion_scores, trace.final_logits, trace.labels
+    num_heads, num_samples, k = scores.shape
+    before = betas.clone()
+    before[exit_index:] = 0  # the exits up to this one, as they are
+    alive = torch.ones(num_samples, k, dtype=torch.bool)
+    active = torch.ones(num_samples, dtype=torch.bool)
+    settled = torch.zeros(num_samples, dtype=torch.long)  # the class of samples that already left
+    for i in range(exit_index):
+        if not float(before[i]) > 0:
+            continue
+        updated, leaves, single = exclusion_step(scores[i], alive, before[i])
+        alive = torch.where(active[:, None], updated, alive)
+        leaving = active & leaves
+        settled = torch.where(leaving, single, settled)
+        active &= ~leaving
+    here = scores[exit_index]  # [N, K]
+    top_value, top = here.max(-1, keepdim=True)
+    candidates = alive.scatter(-1, top, True)  # recovery: the top class is alive again
+    # m(L): the candidates scoring above L·max (the rule's own float64 product and strict comparison);
+    # L·max climbs with L, so class c stays for the levels below its cutoff: the first with L·max >= s_c
+    products = top_value * levels[None, :]  # [N, L], ascending per sample
+    cutoff = torch.searchsorted(products, here.contiguous(), side="left")  # [N, K]
+    cutoff = torch.where(candidates, cutoff, torch.zeros_like(cutoff))
+    counts = torch.zeros(num_samples, levels.numel() + 1, dtype=torch.long).scatter_add_(
+        1, cutoff, torch.ones_like(cutoff))  # [N, L + 1] candidates by cutoff
+    size = counts.flip(1).cumsum(1).flip(1)[:, 1:].clamp(min=1)  # [N, L] survivors; the top class stays
+    # only the (sample, prefix size) pairs some level reaches go through the later exits
+    reached = torch.zeros(num_samples, k + 1, dtype=torch.bool).scatter_(1, size, True)
+    reached &= active[:, None]
+    sample, kept = reached.nonzero(as_tuple=True)
+    ranked = here.masked_fill(~candidates, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(ranked).scatter_(-1, ranked, torch.arange(k).expand(num_samples, k))
+    pair_alive = (rank[sample] < kept[:, None]) & candidates[sample]  # [P, K]: the `kept` best candidates
+    pair_active = kept > 1  # one class left: the sample leaves here
+    pred = pair_alive.int().argmax(-1)
+    for i in range(exit_index + 1, num_heads):  # the later exits already searched
+        if not float(betas[i]) > 0:
+            continue
+        updated, leaves, single = exclusion_step(scores[i][sample], pair_alive, betas[i])
+        pair_alive = torch.where(pair_active[:, None], updated, pair_alive)
+        leaving = pair_active & leaves
+        pred = torch.where(leaving, single, pred)
+        pair_active &= ~leaving
+    masked = final[sample].masked_fill(~pair_alive, float("-inf")).argmax(-1)
+    pred = torch.where(pair_active, masked, pred)
+    table = torch.zeros(num_samples, k + 1, dtype=torch.bool)
+    table[sample, kept] = pred == labels[sample]
+    correct_here = table.gather(1, size).T  # [L, N]
+    gone = ~active  # samples gone before this exit keep their earlier answer
+    if bool(gone.any()):
+        correct_here[:, gone] = (settled[gone] == labels[gone])[None]
+    return correct_here.double().mean(1)
+
+
 def search_betas(trace: ClassExclusionTrace, order: Sequence[int], tolerance: float,
-                 step: float = 0.01, batch: int = 10) -> torch.Tensor:
+                 step: float = 0.01, memo: dict | None = None) -> torch.Tensor:
     """The reference's greedy β search for one accuracy tolerance; returns [J] β.
 
     For each exit in ``order`` (earlier exits keep their β, later ones sit at 0), the
-    candidate βs step, 2·step, … up to 0.99 are evaluated ``batch`` at a time in climbing
-    order; the first level L whose accuracy is no longer above the goal stops the climb
-    and β = L − 2·step, clamped to [step, 0.99]; if no level fails, β = 0.99. Levels stop
-    at 0.99: β = 1 would leave only the top class at that exit.
+    candidate βs step, 2·step, … up to 0.99 are evaluated in climbing order; the first
+    level L whose accuracy is no longer above the goal stops the climb and β = L − 2·step,
+    clamped to [step, 0.99]; if no level fails, β = 0.99. Levels stop at 0.99: β = 1
+    would leave only the top class at that exit. Every level's accuracy comes from one
+    ``level_accuracies`` pass (``memo`` shares them between tolerances that reach the same
+    state).
     """
     num_heads = trace.exclusion_scores.shape[0]
     betas = torch.zeros(num_heads, dtype=torch.float64)
@@ -381,17 +404,16 @@ def search_betas(trace: ClassExclusionTrace, order: Sequence[int], tolerance: fl
     count = int(math.floor(MAX_BETA / step + 1e-9))
     levels = torch.tensor([min(round(k * step, 12), MAX_BETA) for k in range(1, count + 1)],
                           dtype=torch.float64)  # 0.01 .. 0.99
+    memo = {} if memo is None else memo
     for exit_index in order:
+        key = (exit_index, step, tuple(betas.tolist()))
+        if key not in memo:
+            memo[key] = level_accuracies(trace, betas, exit_index, levels)
+        failing = (memo[key] <= goal).nonzero()
         beta = MAX_BETA  # never failing: the climb ran through 0.99
-        for start_level in range(0, levels.numel(), batch):
-            chunk = levels[start_level : start_level + batch]
-            candidates = betas.repeat(chunk.numel(), 1)
-            candidates[:, exit_index] = chunk
-            failing = (trace.outcome(candidates)[1].double().mean(1) <= goal).nonzero()
-            if failing.numel():
-                stop = float(chunk[int(failing[0])])
-                beta = min(max(round(stop - 2 * step, 12), step), MAX_BETA)
-                break
+        if failing.numel():
+            stop = float(levels[int(failing[0])])
+            beta = min(max(round(stop - 2 * step, 12), step), MAX_BETA)
         betas[exit_index] = beta
     return betas
 
@@ -407,7 +429,7 @@ class ClassExclusionSearch(Calibrator):
     """β vectors from the paper's greedy search, one per accuracy tolerance."""
 
     Params = ClassExclusionSearchParams
-    for_methods = (ClassExclusion,)  # it searches only this method's trace (and subclasses'); checked by validate
+    for_methods = ("class-exclusion",)  # it searches only this method's trace; checked by validate
 
     def __init__(self, tolerances: Sequence[float] = DEFAULT_TOLERANCES, step: float = 0.01,
                  order: Sequence[int] | None = None) -> None:
@@ -427,15 +449,6 @@ class ClassExclusionSearch(Calibrator):
         if any(not 0 <= j < heads for j in order):
             raise EebenchError(f"order {list(order)} names exits outside 0..{heads - 1}; expected indices of this "
                                f"method's {heads} exclusion exits", key="order")
-        vectors = torch.stack([search_betas(trace, order, t, self.step) for t in self.tolerances])
+        memo: dict = {}
+        vectors = torch.stack([search_betas(trace, order, t, self.step, memo) for t in self.tolerances])
         return torch.where(vectors > 0, vectors, torch.full_like(vectors, float("inf")))  # β = 0: exit off
-
-
-@hookimpl
-def register_exit_strategies(register) -> None:
-    register("class-exclusion", ClassExclusion)
-
-
-@hookimpl
-def register_calibrators(register) -> None:
-    register("class-exclusion-search", ClassExclusionSearch)

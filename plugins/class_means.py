@@ -29,6 +29,7 @@ from eebench.api import (
     Budget,
     Charge,
     ExitStrategy,
+    FrozenBatch,
     StagedBackbone,
     count_macs,
     elementwise_macs,
@@ -171,15 +172,25 @@ def _stage_outputs(backbone: StagedBackbone, x: torch.Tensor,
     return outputs, out
 
 
+def _batch_outputs(backbone: StagedBackbone, batch: FrozenBatch | tuple[torch.Tensor, torch.Tensor],
+                   wanted: Mapping[int, object]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Stage outputs and labels of a frozen-pass batch as it is, or of (images, labels) run here."""
+    if isinstance(batch, FrozenBatch):
+        return batch.outputs, batch.labels
+    x, y = batch
+    return _stage_outputs(backbone, x, wanted)[0], y
+
+
 @torch.no_grad()
 def compute_statistics(backbone: StagedBackbone, exits: Mapping[int, ClassMeansExit],
-                       batches: Iterable[tuple[torch.Tensor, torch.Tensor]], train: Dataset,
+                       batches: Iterable[FrozenBatch | tuple[torch.Tensor, torch.Tensor]], train: Dataset,
                        batch_size: int, device: torch.device | str, *,
                        second_pass: Callable[[Dataset], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None,
                        distances_of_all: bool = False) -> ClassMeanStatistics:
     """Pass 1 accumulates the class means from ``batches`` (the first samples of ``train``, in
-    order); pass 2 runs over the samples pass 1 saw (``distances_of_all``: over all of ``train``,
-    for a method that needs every training sample's distances), for the distances, and the
+    order: (images, labels), or a ``frozen_pass``'s batches); pass 2 runs over the samples pass 1
+    saw (``distances_of_all``: over all of ``train``, for a method that needs every training
+    sample's distances), for the distances, and the
     divisors come from the samples pass 1 saw. ``second_pass(dataset)`` yields pass 2's batches
     (a budget's ``forward_batches``; default a plain pass, for the shared statistics, whose
     reader the core charges). A pass 2 cut short by the clock gives divisors from what it saw.
@@ -187,8 +198,8 @@ def compute_statistics(backbone: StagedBackbone, exits: Mapping[int, ClassMeansE
     started = time.perf_counter()
     backbone.eval()
     seen = 0
-    for x, y in batches:
-        outputs, _ = _stage_outputs(backbone, x, exits)
+    for batch in batches:
+        outputs, y = _batch_outputs(backbone, batch, exits)
         for stage, module in exits.items():
             module.accumulate(outputs[stage], y)
         seen += int(y.shape[0])
@@ -232,7 +243,7 @@ def shared_statistics(strategy: ExitStrategy, train: Dataset, pool_to: int | Non
 
     def compute() -> ClassMeanStatistics:
         exits = build_exits(stages, shapes, ctx.num_classes, pool_to, auto_pool_above, ctx.device)
-        batches = iterate_batches(train, ctx.batch_size, device=ctx.device, description="class means")
+        batches = strategy.frozen_pass(train, description="class means")  # also fills the ICs' activations
         return compute_statistics(backbone, exits, batches, train, ctx.batch_size, ctx.device)
 
     return strategy.shared_result(train, f"class-means[{sides}]", compute, budget, charge)

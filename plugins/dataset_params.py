@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, StrictBool, StrictInt, StrictStr, field_validator
 
-from eebench.api import Params
+from eebench.params import Params  # not eebench.api (torch): the datasets manifest imports this module
 
 
 def _number(value: Any) -> Any:

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from eebench import hookimpl
 from eebench.api import DatasetBundle, EebenchError, TensorImageDataset, params_model, random_crop_flip
 from eebench_plugins.dataset_params import FileDatasetParams, ImageFolderParams, SVHNParams
 
@@ -782,18 +781,3 @@ def image_folder(
             "megabytes": round(megabytes, 1),
         },
     )
-
-
-# --------------------------------------------------------------------------------------------
-
-
-@hookimpl
-def register_datasets(register: Callable[..., None]) -> None:
-    """Register every built-in dataset factory."""
-    register("fashion-mnist", fashion_mnist)
-    register("mnist", mnist)
-    register("kmnist", kmnist)
-    register("cifar10", cifar10)
-    register("cifar100", cifar100)
-    register("svhn", svhn)
-    register("image-folder", image_folder)

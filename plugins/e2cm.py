@@ -39,11 +39,9 @@ import math
 from collections.abc import Iterator
 
 import torch
-from pydantic import Field
 from torch import nn
 from torch.utils.data import Dataset
 
-from eebench import hookimpl
 from eebench.api import (
     Budget,
     Charge,
@@ -53,7 +51,6 @@ from eebench.api import (
     ExitTrace,
     MethodContext,
     MethodReport,
-    Params,
     StagedBackbone,
     StepOutput,
     exit_costs_at,
@@ -66,16 +63,7 @@ from eebench_plugins.class_means import (
     inner_exit_points,
     shared_statistics,
 )
-
-
-class E2CMParams(Params):
-    """``pool_to``: max-pool every exit's features to this side (none: only ``auto_pool_above``);
-    ``auto_pool_above``: max-pool features with more values than this (none: never);
-    ``count_softmax``: add the softmax's MACs to each exit's overhead."""
-
-    pool_to: int | None = Field(None, ge=1, le=4096)
-    auto_pool_above: int | None = Field(16384, ge=1, le=2**31 - 1)
-    count_softmax: bool = False
+from eebench_plugins.manifests.e2cm import E2CMParams
 
 
 class E2CM(ExitStrategy):
@@ -181,8 +169,3 @@ class E2CM(ExitStrategy):
 
     def report(self) -> MethodReport:
         return MethodReport(exit_names=[f"block{s}" for s in self.exit_stages] + ["final"], notes=self.notes)
-
-
-@hookimpl
-def register_exit_strategies(register) -> None:
-    register("e2cm", E2CM)

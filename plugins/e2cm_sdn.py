@@ -53,14 +53,12 @@ when the features are pooled); with ``count_softmax`` both softmaxes, the IC's a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 from torch.utils.data import Dataset
 
-from eebench import hookimpl
 from eebench.api import (
     Budget,
     Charge,
@@ -78,21 +76,8 @@ from eebench.api import (
     stage_taps,
 )
 from eebench_plugins.class_means import build_exits, compute_statistics, shared_statistics
-from eebench_plugins.internal_classifiers import REDUCER_KEY, SDN_FRACTIONS, ICBank, ICParams, ic_reducer
-
-AGREEMENT_RULES = ("same-class", "confidence")
-
-
-class E2CMSDNParams(ICParams):
-    """SDN's IC parameters plus ``rules`` (the agreement rules, each a rule variant), ``grid`` (T_cm
-    quantile levels) and E²CM's ``pool_to`` / ``auto_pool_above`` / ``count_softmax``."""
-
-    rules: list[Literal["same-class", "confidence"]] = Field(default_factory=lambda: list(AGREEMENT_RULES),
-                                                            min_length=1)
-    grid: int = Field(5, ge=1, le=1000)
-    pool_to: int | None = Field(None, ge=1, le=4096)
-    auto_pool_above: int | None = Field(16384, ge=1, le=2**31 - 1)
-    count_softmax: bool = False
+from eebench_plugins.internal_classifiers import REDUCER_KEY, SDN_FRACTIONS, ICBank, ic_reducer
+from eebench_plugins.manifests.e2cm_sdn import AGREEMENT_RULES, E2CMSDNParams
 
 
 def cm_threshold_grid(distances: Sequence[torch.Tensor], grid: int) -> torch.Tensor:
@@ -111,6 +96,7 @@ class E2CMSDN(ExitStrategy):
     """SDN ICs (an ``ICBank``) fed with class-mean distances, exiting only when E²CM agrees."""
 
     Params = E2CMSDNParams
+    frozen_products = {REDUCER_KEY: ic_reducer}  # filled by the run's first frozen pass (E²CM's, say)
 
     strict = False  # the IC part is SDN's ">= T"; E²CM's strict ">" sits inside the score
     default_calibrator = "per-exit-bisection"
@@ -118,7 +104,8 @@ class E2CMSDN(ExitStrategy):
         "E²CM+SDN: SDN ICs whose input adds the K normalised class-mean distances; exit only when the IC "
         "(≥ T_ic) and E²CM (> T_cm) agree, with and without also requiring the same class (two rule variants); "
         "T_cm from a grid (level 0 = −inf, never vetoes; then training-split confidence quantiles), T_ic searched "
-        "per rule and grid level, one calibration hull over all; seconds include the two class-mean statistics "
+        "per rule and grid level (the calibrator's cost targets shared among the variants), "
+        "one calibration hull over all; seconds include the two class-mean statistics "
         "passes. Calibration trace scored from the shared fp16 activations and fit's training distances; test "
         "trace from the images."
     )
@@ -279,8 +266,3 @@ class E2CMSDN(ExitStrategy):
         overheads = [ic + (m.overhead_macs(k) + cm_softmax) for ic, m in zip(self.bank.macs(), self.means,
                                                                                strict=True)]
         return exit_costs_at(self.context.stage_costs, self.bank.stages, overheads)
-
-
-@hookimpl
-def register_exit_strategies(register) -> None:
-    register("e2cm+sdn", E2CMSDN)

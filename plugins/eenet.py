@@ -65,15 +65,12 @@ ends clearly below where it started.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 from torch.utils.data import Dataset
 
-from eebench import hookimpl
 from eebench.api import (
     Budget,
     ExitCosts,
@@ -82,7 +79,6 @@ from eebench.api import (
     MethodContext,
     MethodReport,
     OperatingPoint,
-    Params,
     StageCosts,
     StagedBackbone,
     StepOutput,
@@ -98,21 +94,10 @@ from eebench_plugins.joint_training import (
     reset_to_fresh,
     train_jointly,
 )
+from eebench_plugins.manifests.eenet import EENetParams
 
 EXIT_TYPES = ("plain", "pool", "bnpool")
 DISTRIBUTIONS = ("pareto", "golden_ratio", "fine", "linear", "quadratic")
-
-
-class EENetParams(Params):
-    num_ee: int = Field(2, ge=1, le=64)
-    distribution: Literal["pareto", "golden_ratio", "fine", "linear", "quadratic"] = "fine"
-    exit_type: Literal["plain", "pool", "bnpool"] = "pool"
-    lambda_coef: float = Field(1.0, ge=0)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    native_cost: bool = False
-    from_scratch: bool = False
-    schedule: Literal["cosine", "constant"] = "cosine"
 GOLDEN_RATIO = 1.61803398875
 LOG_EPS = 1e-12
 
@@ -322,8 +307,3 @@ class EENet(ExitStrategy):
         names = [f"ee@block{s}" for s in self.exit_stages] + ["final"]
         paper = OperatingPoint("T = 0.5", torch.full((self.num_ee,), 0.5, dtype=torch.float64))
         return MethodReport(exit_names=names, notes=self.notes, operating_points=[paper])
-
-
-@hookimpl
-def register_exit_strategies(register) -> None:
-    register("eenet", EENet)

@@ -40,7 +40,6 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -52,7 +51,6 @@ from eebench.api import (
     ExitStrategy,
     ExitTrace,
     MethodContext,
-    Params,
     StagedBackbone,
     StepOutput,
     TensorImageDataset,
@@ -61,8 +59,8 @@ from eebench.api import (
     seeded_modules,
     softmax_macs,
 )
+from eebench_plugins.manifests.internal_classifiers import SDN_FRACTIONS, ICParams  # noqa: F401 (re-exported)
 
-SDN_FRACTIONS = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90)
 REDUCER_KEY = "sdn-pool"  # reduce_for_ic outputs: shared with every IC-based method
 LR_DROP_AT = 0.6  # the reference drops the lr at epoch 15 of 25
 LR_DROP_FACTOR = 0.1
@@ -159,21 +157,6 @@ class InternalClassifier(nn.Module):
 
 
 # -- the bank of ICs SDN, BWDS and E²CM+SDN hold ------------------------------------------------
-
-
-class ICParams(Params):
-    """The internal-classifier parameters SDN, E²CM+SDN and BWDS share."""
-
-    fractions: list[float] = Field(default_factory=lambda: list(SDN_FRACTIONS))
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-
-    @field_validator("fractions")
-    @classmethod
-    def _fractions(cls, value: list[float]) -> list[float]:
-        if not value or any(not 0 < f <= 1 for f in value):
-            raise ValueError(f"fractions must be a non-empty list of numbers in (0, 1], got {value}")
-        return value
 
 
 def check_ic_params(fractions: Sequence[float], lr: float, weight_decay: float) -> None:

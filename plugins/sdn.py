@@ -45,13 +45,11 @@ Deviations, all in ``notes``:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from eebench import hookimpl
 from eebench.api import (
     Budget,
     EebenchError,
@@ -69,22 +67,18 @@ from eebench_plugins.internal_classifiers import (
     REDUCER_KEY,
     SDN_FRACTIONS,
     ICBank,
-    ICParams,
     ic_reducer,
 )
+from eebench_plugins.manifests.sdn import SDNParams
 
 FALLBACKS = ("final", "most_confident")
-
-
-class SDNParams(ICParams):
-    fallback: Literal["final", "most_confident"] = "final"
-    count_softmax: bool = False
 
 
 class SDN(ExitStrategy):
     """SDN internal classifiers on a frozen backbone (see the module docstring)."""
 
     Params = SDNParams
+    frozen_products = {REDUCER_KEY: ic_reducer}  # filled by the run's first frozen pass (E²CM's, say)
 
     strict = False
     default_calibrator = "shared-threshold"
@@ -165,8 +159,3 @@ class SDN(ExitStrategy):
 
     def report(self) -> MethodReport:
         return MethodReport(exit_names=self.bank.exit_names(), notes=self.notes)
-
-
-@hookimpl
-def register_exit_strategies(register) -> None:
-    register("sdn", SDN)

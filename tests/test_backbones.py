@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-import eebench_plugins.backbones as backbones
+import eebench_plugins.manifests.backbones as backbones
 from eebench.api import StageCosts, StagedBackbone
 from eebench_plugins.backbones.cifar_resnet import CifarResNet
 from eebench_plugins.backbones.timm_nets import stage_timm

@@ -11,6 +11,7 @@ from eebench.api import EebenchError
 from eebench.calibration import build_curve
 from eebench.costs import StageCosts
 from eebench.datasets import take
+from eebench.lazy import resolve
 from eebench.strategy import MethodContext
 from eebench.testing import assert_executor_matches, assert_state_reloads
 from eebench.trace import compute_traces
@@ -298,7 +299,7 @@ def test_frozen_backbone_is_bit_identical_after_fit(fitted) -> None:
 
 
 def test_registered_as_bwds(registry) -> None:
-    assert registry.get("exit_strategies", "bwds") is BWDS
+    assert resolve(registry.get("exit_strategies", "bwds")) is BWDS  # registered lazily
 
 
 @pytest.fixture(scope="module")

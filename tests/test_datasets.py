@@ -14,7 +14,9 @@ import torch
 
 from eebench.datasets import DatasetBundle, TensorImageDataset
 from eebench.errors import EebenchError
+from eebench.lazy import resolve
 from eebench_plugins import datasets as ds
+from eebench_plugins.manifests import datasets as manifest
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 needs_debian = pytest.mark.skipif(
@@ -92,16 +94,16 @@ def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 def test_registers_every_builtin_dataset() -> None:
     registered: dict[str, object] = {}
-    ds.register_datasets(register=lambda name, factory: registered.__setitem__(name, factory))
+    manifest.register_datasets(register=lambda name, factory: registered.__setitem__(name, factory))
     assert set(registered) == {
         "fashion-mnist", "mnist", "kmnist", "cifar10", "cifar100", "svhn", "image-folder",
     }
-    assert registered["fashion-mnist"] is ds.fashion_mnist
+    assert resolve(registered["fashion-mnist"]) is ds.fashion_mnist  # registered lazily
 
 
 def test_module_is_the_datasets_entry_point() -> None:
     points = {ep.name: ep.value for ep in metadata.entry_points(group="eebench")}
-    assert points.get("datasets") == "eebench_plugins.datasets"
+    assert points.get("datasets") == "eebench_plugins.manifests.datasets"  # the light manifest of this module
 
 
 # ------------------------------------------------------------------------------------------

@@ -115,3 +115,28 @@ def test_duplicate_name_through_the_cli_is_one_line_and_code_2(site: Path, capsy
         default_registry.cache_clear()
     err = capsys.readouterr().err
     assert err.count("eebench: error") == 1 and "'eebench-dupe2'" in err and "Traceback" not in err
+
+
+def test_every_built_in_keeps_its_entry_point_hooks_and_names() -> None:
+    """The lazy manifests register exactly what the implementation modules used to, in the same order."""
+    expected = {
+        "backbones": {"backbones": ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18",
+                                    "resnet152", "wide_resnet101_2", "mobilenet_v3_large", "efficientnet_b0",
+                                    "timm:"]},
+        "branchynet": {"exit_strategies": ["branchynet"]},
+        "budgets": {"budgets": ["epochs", "samples", "seconds"]},
+        "bwds": {"exit_strategies": ["bwds"]},
+        "calibrators": {"calibrators": ["per-exit-bisection", "shared-threshold", "random-search"]},
+        "class-exclusion": {"exit_strategies": ["class-exclusion"], "calibrators": ["class-exclusion-search"]},
+        "datasets": {"datasets": ["fashion-mnist", "mnist", "kmnist", "cifar10", "cifar100", "svhn", "image-folder"]},
+        "dec": {"backbones": ["dec"], "exit_strategies": ["dec-e2cm"]},
+        "e2cm": {"exit_strategies": ["e2cm"]},
+        "e2cm+sdn": {"exit_strategies": ["e2cm+sdn"]},
+        "eenet": {"exit_strategies": ["eenet"]},
+        "sdn": {"exit_strategies": ["sdn"]},
+    }
+    registry = load_registry()
+    built_in = {p.entry_point: p for p in registry.plugins if p.package == "eebench"}
+    assert {name: info.registered for name, info in built_in.items()} == expected
+    assert all(info.hooks == [f"register_{kind}" for kind in expected[name]] for name, info in built_in.items())
+    assert not registry.failures

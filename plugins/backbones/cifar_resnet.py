@@ -11,20 +11,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from eebench.api import Params, StagedBackbone, params_model
+from eebench.api import StagedBackbone, params_model
 from eebench_plugins.backbones._common import check_input_shape, check_num_classes, kaiming_conv
+from eebench_plugins.manifests.backbones import CifarResNetParams
 
-DEPTHS = (20, 32, 44, 56, 110)
 BASE_WIDTHS = (16, 32, 64)
-
-
-class CifarResNetParams(Params):
-    """``width`` scales the group widths 16/32/64 (each at least 1 channel)."""
-
-    width: float = Field(1.0, gt=0, le=64)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:

@@ -26,8 +26,7 @@ from eebench_plugins.backbones._common import (
     is_small_input,
     replace_first_conv,
 )
-
-ARCHITECTURES = ("resnet18", "resnet152", "wide_resnet101_2", "mobilenet_v3_large", "efficientnet_b0")
+from eebench_plugins.manifests.backbones import ARCHITECTURES
 
 
 def build_torchvision(

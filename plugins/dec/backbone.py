@@ -12,29 +12,11 @@ import math
 from collections.abc import Sequence
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
-from eebench.api import Params, StagedBackbone, params_model
+from eebench.api import StagedBackbone, params_model
 from eebench_plugins.dec.clustering import ClusteringLayer
-
-PAPER_DIMS = (500, 500, 2000, 10)
-
-
-class DECBackboneParams(Params):
-    """``dims``: encoder widths, the last the embedding; ``num_clusters`` (default: the dataset's
-    classes); ``alpha``: the Student-t degrees of freedom."""
-
-    dims: list[int] = Field(default_factory=lambda: list(PAPER_DIMS), min_length=2, max_length=64)
-    num_clusters: int | None = Field(None, ge=1, le=100_000)
-    alpha: float = Field(1.0, gt=0)
-
-    @field_validator("dims")
-    @classmethod
-    def _dims(cls, value: list[int]) -> list[int]:
-        if any(not 1 <= d <= 1_000_000 for d in value):
-            raise ValueError(f"dims must list at least two positive widths (at most 1,000,000 each), got {value}")
-        return value
+from eebench_plugins.manifests.dec import PAPER_DIMS, DECBackboneParams
 
 
 class DenseStage(nn.Module):

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from eebench.api import Params
+from eebench.params import Params  # not eebench.api (torch): the dec manifest imports this module
 
 #: Each preset's values that differ from the paper's (the model's defaults).
 PRESET_VALUES: dict[str, dict[str, Any]] = {

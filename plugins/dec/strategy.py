@@ -35,10 +35,9 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, field_validator, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -52,7 +51,6 @@ from eebench.api import (
     MethodContext,
     MethodReport,
     OperatingPoint,
-    Params,
     StagedBackbone,
     StepOutput,
     count_macs,
@@ -66,8 +64,9 @@ from eebench_plugins.dec.clustering import ClusteringLayer
 from eebench_plugins.dec.loop import Meter, in_chunks, linear_macs
 from eebench_plugins.dec.metrics import ari, cluster_accuracy, hungarian_mapping, nmi
 from eebench_plugins.dec.pretrain import pretrain
-from eebench_plugins.dec.recipes import FIELDS, PRESETS, DECRecipe, recipe_from
+from eebench_plugins.dec.recipes import PRESETS, DECRecipe, recipe_from
 from eebench_plugins.dec.train import init_centres, train_dec
+from eebench_plugins.manifests.dec import DECE2CMParams
 
 
 def clustering_metrics(preds: torch.Tensor, labels: torch.Tensor) -> dict[str, list[float]]:
@@ -79,33 +78,6 @@ def inverse_permutation(mapping: torch.Tensor) -> torch.Tensor:
     inverse = torch.empty_like(mapping)
     inverse[mapping] = torch.arange(mapping.numel(), dtype=mapping.dtype)
     return inverse
-
-
-class DECE2CMParams(Params):
-    """``recipe``: a preset name (``paper``, ``quick``) or a mapping of ``DECRecipe`` overrides on top
-    of its ``preset``; ``exit_stages``: the encoder layers the smaller DECs branch after (checked
-    against the backbone when the cell starts); ``prediction``: ``dec`` or ``e2cm``."""
-
-    recipe: DECRecipe = Field(default_factory=DECRecipe)
-    exit_stages: list[int] = Field(default_factory=lambda: [0, 1], min_length=1, max_length=64)
-    count_softmax: bool = False
-    prediction: Literal["dec", "e2cm"] = "dec"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _recipe_fields_inside(cls, data: Any) -> Any:
-        misplaced = sorted(set(data) & FIELDS) if isinstance(data, Mapping) else []
-        if misplaced:
-            raise ValueError(f"{misplaced[0]} is a DEC recipe field; expected it under recipe, e.g. recipe: "
-                             f"{{preset: quick, {misplaced[0]}: ...}}")
-        return data
-
-    @field_validator("exit_stages")
-    @classmethod
-    def _stages(cls, value: list[int]) -> list[int]:
-        if any(s < 0 for s in value):
-            raise ValueError(f"exit_stages must be encoder layers (>= 0), got {value}")
-        return value
 
 
 class DECE2CM(ExitStrategy):

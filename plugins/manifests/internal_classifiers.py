@@ -1,0 +1,24 @@
+"""Parameters shared by the internal-classifier methods (SDN, E²CM+SDN, BWDS); not an entry point."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from eebench.params import Params
+
+SDN_FRACTIONS = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90)
+
+
+class ICParams(Params):
+    """The internal-classifier parameters SDN, E²CM+SDN and BWDS share."""
+
+    fractions: list[float] = Field(default_factory=lambda: list(SDN_FRACTIONS))
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0 < f <= 1 for f in value):
+            raise ValueError(f"fractions must be a non-empty list of numbers in (0, 1], got {value}")
+        return value
