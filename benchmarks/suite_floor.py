@@ -18,7 +18,8 @@ Usage: python benchmarks/suite_floor.py [--suite suites/fixed_budget_1epoch.yaml
    - cold only: the base backbone's recipe (epochs × training split) and its test evaluation.
 3. With ``--run``, runs ``eebench run SUITE`` into a fresh run directory, warm (the backbone cache
    as it is: run it once cold first) and/or cold (an empty cache), timing each whole process and
-   reading its peak resident memory (``os.wait4``), and prints each run's ratio to its floor.
+   reading its peak resident memory (GNU time), and prints each run's ratio to its floor.
+   ``--warm-out RUN_DIR --leaderboards DIR`` keeps the warm run and its board (the committed one).
 4. With ``--cli``, times whole ``eebench`` processes that should be instant (``--help``,
    ``plugins``, ``validate``, a resumed run with nothing to do): median of ``--repeats``.
 """
@@ -157,6 +158,10 @@ def main() -> int:
     parser.add_argument("--run", default="", help="warm, cold or warm,cold")
     parser.add_argument("--cli", action="store_true", help="time the instant commands as whole processes")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warm-out", default=None,
+                        help="keep the warm run in this (new) run directory and write its leaderboard to "
+                             "--leaderboards: the timed run is then the one whose board is committed")
+    parser.add_argument("--leaderboards", default=None, help="with --warm-out: leaderboard directory")
     args = parser.parse_args()
 
     from eebench.plugins import default_registry
@@ -178,8 +183,13 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="eeb-floor-") as tmp:
             if kind == "cold":
                 env["EEBENCH_CACHE"] = str(Path(tmp) / "cache")
-            runs[kind] = timed_process(eebench_command("run", args.suite, "--out", str(Path(tmp) / "run"),
-                                                       "--leaderboards", str(Path(tmp) / "boards")), env)
+            out, boards = Path(tmp) / "run", Path(tmp) / "boards"
+            if kind == "warm" and args.warm_out:
+                out, boards = Path(args.warm_out), Path(args.leaderboards or boards)
+                if (out / "cells").exists() and any((out / "cells").iterdir()):
+                    parser.error(f"--warm-out {out} already holds cells; expected a fresh run directory")
+            runs[kind] = timed_process(eebench_command("run", args.suite, "--out", str(out),
+                                                       "--leaderboards", str(boards)), env)
     if runs:
         rates.append(throughput(suite, registry, args.repeats))
     forward_rate = max(r[0] for r in rates)

@@ -10,12 +10,10 @@ be written (each said in one line; they are in this run's leaderboard only).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
 
-from eebench import __version__
 from eebench.errors import EebenchError
 
 EXIT_OK = 0
@@ -67,8 +65,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
+    from eebench.board_state import record_board, unchanged_board
     from eebench.errors import check_writable
-    from eebench.leaderboard import render
+    from eebench.leaderboard import render, slug
     from eebench.plugins import default_registry
     from eebench.progress import console
     from eebench.runner import run_suite
@@ -77,12 +76,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     registry = default_registry()
     check_plugins(suite, registry, args.suite)
-    from eebench.leaderboard import _slug
 
     run_dir = Path(args.out or suite.outputs.run_dir or f"runs/{suite.name}")
     board_dir = Path(args.leaderboards or suite.outputs.leaderboard_dir)
     check_writable(board_dir, "--leaderboards")
-    check_writable(board_dir / _slug(suite.name), "--leaderboards", "a writable folder for the leaderboard's figures")
+    check_writable(board_dir / slug(suite.name), "--leaderboards", "a writable folder for the leaderboard's figures")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     device = _device(args.device)
     try:
@@ -103,12 +101,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                   only=lambda r: r["cell_id"] in cell_ids and (r.get("latency") or {}).get("settings")
                   != settings.model_dump(), log=lambda line: console.print(line, markup=False, highlight=False))
     inputs = [suite.name, suite.targets, suite.description, command, suite.notes, sorted(cell_ids)]
-    path = None if report.unsaved else _unchanged_board(run_dir, board_dir, suite.name, inputs)
+    path = None if report.unsaved else unchanged_board(run_dir, board_dir, suite.name, inputs)
     if path is None:  # something changed since this run directory's leaderboard was drawn: draw it again
         path = render(run_dir, board_dir, suite.name, suite.targets, suite.description, command, suite.notes,
                       cell_ids=cell_ids, extra=list(report.unsaved.values()))
         if not report.unsaved:
-            _record_board(run_dir, board_dir, suite.name, inputs, path)
+            record_board(run_dir, board_dir, suite.name, inputs, path)
     failed = f", {len(report.failed)} failed" if report.failed else ""
     print(f"{len(report.done)} cells run, {len(report.skipped)} reused{failed}, {report.seconds:.1f}s; "
           f"results in {run_dir}/cells; leaderboard {path}")
@@ -121,58 +119,6 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"cell file under {run_dir}/cells and in the leaderboard; rerun to retry them", file=sys.stderr)
         return EXIT_CELLS_FAILED
     return EXIT_OK
-
-
-BOARD_STATE = ".leaderboard.json"  # in the run directory: the state of each leaderboard it last drew
-
-
-def _board_state(run_dir: Path, board_dir: Path, suite_name: str, inputs: list, path: Path) -> str:
-    """A fingerprint of what ``eebench run`` draws a leaderboard from (the render's arguments and the cell
-    files) and of the board's files as written (the markdown and the suite's figures)."""
-    from eebench.leaderboard import _slug
-
-    files = [path, *sorted((run_dir / "cells").glob("*.json")), *sorted((board_dir / _slug(suite_name)).glob("*"))]
-    stats = []
-    for file in files:
-        try:
-            stat = file.stat()
-        except OSError:
-            stats.append([str(file), None])
-            continue
-        stats.append([str(file), stat.st_size, stat.st_mtime_ns])
-    text = json.dumps([__version__, str(board_dir.resolve()), inputs, stats], default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _board_states(run_dir: Path) -> dict:
-    try:
-        states = json.loads((run_dir / BOARD_STATE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return states if isinstance(states, dict) else {}
-
-
-def _unchanged_board(run_dir: Path, board_dir: Path, suite_name: str, inputs: list) -> Path | None:
-    """The leaderboard this run directory last drew into ``board_dir``, when nothing it shows has changed since
-    (no cell file, no suite value, no file of the board itself): a resumed run with nothing to do redraws no
-    figure (and imports no matplotlib)."""
-    recorded = _board_states(run_dir).get(str(board_dir.resolve()))
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("path"), str):
-        return None
-    path = Path(recorded["path"])
-    if recorded.get("state") != _board_state(run_dir, board_dir, suite_name, inputs, path):
-        return None
-    return path
-
-
-def _record_board(run_dir: Path, board_dir: Path, suite_name: str, inputs: list, path: Path) -> None:
-    states = _board_states(run_dir)
-    states[str(board_dir.resolve())] = {"path": str(path),
-                                        "state": _board_state(run_dir, board_dir, suite_name, inputs, path)}
-    try:
-        (run_dir / BOARD_STATE).write_text(json.dumps(states, indent=1))
-    except OSError:
-        pass  # only a shortcut: the next run draws the leaderboard again
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:

@@ -39,7 +39,7 @@ def _fmt(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}%"
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
@@ -232,7 +232,7 @@ def _render(results: list[dict[str, Any]], failures: list[dict[str, Any]], leade
                 _fmt(base_acc) if t >= 1.0 else "—" for t in columns) + f" | {_fmt(base_acc)} (1.00) | base recipe |")
         lines += _test_cost_table(group, many_budgets, columns)
         lines += _metrics_table(group, many_budgets, columns)
-        figure = leaderboard_dir / _slug(suite_name) / f"{_slug(dataset)}-{_slug(backbone)}.png"
+        figure = leaderboard_dir / slug(suite_name) / f"{slug(dataset)}-{slug(backbone)}.png"
         plot_curves(group, targets, figure, f"{dataset} · {backbone}", many_budgets)
         lines += ["", f"![accuracy–cost curves]({figure.relative_to(leaderboard_dir).as_posix()})", ""]
         lines += _exit_table(group, many_budgets, targets)
@@ -246,7 +246,7 @@ def _render(results: list[dict[str, Any]], failures: list[dict[str, Any]], leade
         lines += [f"- `{f['cell_id']}`: {_failure_text(f)}" for f in failures] + [""]
     lines += ["## Notes", "", f"- {PHI_RULE}", f"- {COST_RULE}"]
     lines += [f"- {n}" for n in [*(suite_notes or []), *notes]] + [""]
-    path = leaderboard_dir / f"{_slug(suite_name)}.md"
+    path = leaderboard_dir / f"{slug(suite_name)}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from eebench.datasets import TensorImageDataset
+from eebench.memory import TRIM_EVERY, trim_heap
 from eebench.progress import progress
 
 
@@ -25,7 +26,7 @@ def iterate_batches(
     with progress(description or "pass", total) as bar:
         if isinstance(dataset, TensorImageDataset):
             order = torch.randperm(total, generator=generator) if shuffle else None
-            for start in range(0, total, batch_size):
+            for batch, start in enumerate(range(0, total, batch_size), 1):
                 if order is None:
                     x = dataset.images[start : start + batch_size]
                     y = dataset.labels[start : start + batch_size]
@@ -34,11 +35,17 @@ def iterate_batches(
                     x, y = dataset.images[idx], dataset.labels[idx]
                 bar.advance(len(y))
                 yield _to_device(x, device), y.to(device, non_blocking=True)
+                if batch % TRIM_EVERY == 0:
+                    trim_heap()
+            trim_heap()
             return
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
-        for x, y in loader:
+        for batch, (x, y) in enumerate(loader, 1):
             bar.advance(len(y))
             yield _to_device(x, device), torch.as_tensor(y).to(device)
+            if batch % TRIM_EVERY == 0:
+                trim_heap()
+        trim_heap()
 
 
 def _to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:

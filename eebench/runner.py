@@ -34,6 +34,7 @@ from eebench.costs import ExitCosts, StageCosts
 from eebench.datasets import DatasetBundle, dataset_labels, seeded_subset_indices, take
 from eebench.errors import EebenchError, build_plugin, check_writable, plugin_errors
 from eebench.inference import save_state
+from eebench.memory import trim_heap
 from eebench.model import StagedBackbone
 from eebench.plugins import KIND_LABELS, Registry
 from eebench.policy import operating_point
@@ -689,6 +690,7 @@ def _run_cells(suite: Suite, registry: Registry, cells: list[Cell], *, suite_pat
             continue
         _save_strategy(run_dir, cell, runner.last_strategy)
         runner.last_strategy = None  # the next cell must not keep this one's tensors alive
+        trim_heap()  # and what it freed goes back to the system before the next one grows
         _save(report, run_dir, cell.cell_id, result, text)
         report.done.append(cell.cell_id)
         at = ", ".join(f"φ={k}: {v['accuracy']:.3f}" if v else f"φ={k}: —" for k, v in result["accuracy_at"].items())

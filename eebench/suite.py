@@ -219,7 +219,7 @@ def file_part(text: str) -> str:
 
 
 def file_slug(text: str) -> str:
-    """A name as it appears in a leaderboard or figure file name (``eebench.leaderboard._slug``)."""
+    """A name as it appears in a leaderboard or figure file name (``eebench.leaderboard.slug``)."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
