@@ -1,4 +1,4 @@
-"""The ``eebench`` command: run, validate, plugins, leaderboard.
+"""The ``eebench`` command: run, validate, plugins, leaderboard, bench, claims.
 
 Exit codes: 0 everything done; 2 bad input (one line naming the file, the key and what was
 expected, no traceback unless ``--debug``), Ctrl-C, or another run holding the run directory;
@@ -135,6 +135,17 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_claims(args: argparse.Namespace) -> int:
+    from eebench.claims import FAILS, HOLDS, UNMEASURED, write_report  # pydantic and PyYAML only: no torch
+
+    run_dirs = [Path(d) for d in args.run_dirs]
+    command = " ".join(["eebench claims", *args.run_dirs, "--claims", args.claims, "--out", args.out])
+    path, rows = write_report(run_dirs, Path(args.claims), Path(args.out), command)
+    counts = ", ".join(f"{v}: {sum(r.outcome.verdict == v for r in rows)}" for v in (HOLDS, FAILS, UNMEASURED))
+    print(f"{len(rows)} claim rows ({counts}); report {path}")
+    return 0
+
+
 def _numbers(text: str | None, kind: type, key: str) -> list | None:
     """``1,256`` -> [1, 256]; one line naming the option when a value is not a number."""
     if text is None:
@@ -232,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     bench.add_argument("--leaderboards", help="leaderboard directory (default: the suite's, else leaderboards)")
     bench.set_defaults(func=cmd_bench)
+    claims = sub.add_parser("claims", parents=[common],
+                            help="check the papers' claims against saved results and write a markdown report")
+    claims.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    claims.add_argument("--claims", default="suites/claims.yml", help="claims file (default suites/claims.yml)")
+    claims.add_argument("--out", default="leaderboards/claims.md", help="report (default leaderboards/claims.md)")
+    claims.set_defaults(func=cmd_claims)
     return parser
 
 

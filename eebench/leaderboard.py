@@ -10,7 +10,7 @@ from typing import Any
 
 import eebench
 from eebench.errors import EebenchError
-from eebench.results import is_failure, load_failures, load_results
+from eebench.results import COLLAPSE_FACTOR, is_failure, load_failures, load_results
 
 PHI_RULE = (
     "Accuracy at φ is chosen on the **calibration** split alone and evaluated on test: on the upper convex "
@@ -222,7 +222,8 @@ def _render(results: list[dict[str, Any]], failures: list[dict[str, Any]], leade
                 cells.append("—" if None in values else _fmt(values))
             end = [r["hull_end"] for r in rows]
             end_cost = statistics.mean(e["test_cost"] for e in end)
-            lines.append(f"| {label} | " + " | ".join(cells)
+            flag = " ⚠" if _collapsed(rows) else ""
+            lines.append(f"| {label}{flag} | " + " | ".join(cells)
                          + f" | {_fmt([e['test_accuracy'] for e in end])} ({end_cost:.2f}) | {_spend(rows)} |")
         for label, rows in _group(failed_groups.get((dataset, backbone), []),
                                   lambda r: _row_label(r, many_budgets)).items():
@@ -230,12 +231,17 @@ def _render(results: list[dict[str, Any]], failures: list[dict[str, Any]], leade
         if base_acc:
             lines.append("| backbone (no early exit) | " + " | ".join(
                 _fmt(base_acc) if t >= 1.0 else "—" for t in columns) + f" | {_fmt(base_acc)} (1.00) | base recipe |")
+        if any(_collapsed(rows) for rows in _group(group, lambda r: _row_label(r, many_budgets)).values()):
+            lines += ["", f"⚠ an exit of this method collapsed: on its own it predicts at most {COLLAPSE_FACTOR:g} × "
+                          "chance (see \"Each exit on its own\"), so its numbers measure a broken classifier, not the "
+                          "method."]
         lines += _test_cost_table(group, many_budgets, columns)
         lines += _metrics_table(group, many_budgets, columns)
         figure = leaderboard_dir / slug(suite_name) / f"{slug(dataset)}-{slug(backbone)}.png"
         plot_curves(group, targets, figure, f"{dataset} · {backbone}", many_budgets)
         lines += ["", f"![accuracy–cost curves]({figure.relative_to(leaderboard_dir).as_posix()})", ""]
         lines += _exit_table(group, many_budgets, targets)
+        lines += _forced_exit_table(group, many_budgets)
         lines += _operating_point_table(group, many_budgets)
         lines += _speed_table(group, many_budgets)
     notes = sorted({r["notes"] for r in results if r.get("notes")})
@@ -350,6 +356,30 @@ def _exit_table(group: list[dict[str, Any]], many_budgets: bool, targets: list[f
             continue
         counts = at["exit_counts"]
         lines.append(f"- {label}: {_exit_shares(rows[0]['exits']['names'], counts)}")
+    return [*lines, ""]
+
+
+def _collapsed(rows: list[dict[str, Any]]) -> list[str]:
+    """Exits of any seed's result flagged collapsed (results before the flag existed have none)."""
+    return list(dict.fromkeys(name for r in rows for name in r["exits"].get("collapsed", [])))
+
+
+def _forced_exit_table(group: list[dict[str, Any]], many_budgets: bool) -> list[str]:
+    """Each exit's own test accuracy with every sample forced to leave there (first seed), collapsed ones flagged."""
+    entries = [(label, rows[0]) for label, rows in _group(group, lambda r: _row_label(r, many_budgets)).items()
+               if "forced_test_accuracy" in rows[0]["exits"]]
+    if not entries:
+        return []
+    chance = entries[0][1]["exits"]["chance"]
+    lines = [f"Each exit on its own (test accuracy with every sample forced to leave there, first seed; chance "
+             f"{100 * chance:.1f} %; ⚠ collapsed: at most {COLLAPSE_FACTOR:g} × chance):", ""]
+    for label, result in entries:
+        exits = result["exits"]
+        names = exits["names"] if len(exits["names"]) == len(exits["forced_test_accuracy"]) else [
+            f"exit {j}" for j in range(len(exits["forced_test_accuracy"]))]
+        shown = [f"{n} {100 * a:.1f} %{' ⚠' if n in exits.get('collapsed', []) else ''}"
+                 for n, a in zip(names, exits["forced_test_accuracy"], strict=True)]
+        lines.append(f"- {label}: {', '.join(shown)}")
     return [*lines, ""]
 
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 SCHEMA_VERSION = 2  # 2: accuracy_at holds the calibration-chosen φ policy; budget limits and utilisation; failed cells
 FAILED = "failed"
+COLLAPSE_FACTOR = 1.5  # an exit whose forced test accuracy is at most this × chance is flagged "collapsed"
 #: keys every finished result has (what resuming and the leaderboard read)
 RESULT_KEYS = frozenset({"config_hash", "dataset", "backbone", "method", "budget", "seed", "provenance", "sizes",
                          "backbone_macs", "backbone_test_accuracy", "exits", "spend", "curve", "accuracy_at",

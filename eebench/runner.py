@@ -41,7 +41,7 @@ from eebench.policy import operating_point
 from eebench.results import FAILED, SCHEMA_VERSION, CellResult, finished, save_cell, write_atomic
 from eebench.strategy import ExitStrategy, MethodContext, MethodReport, OperatingPoint
 from eebench.suite import BackboneSpec, Cell, DatasetSpec, Suite, expand
-from eebench.trace import ExitOutputError, ExitTrace, compute_traces, thresholds_to_json
+from eebench.trace import ExitAccuracy, ExitOutputError, ExitTrace, compute_traces, exit_accuracy, thresholds_to_json
 
 
 @dataclass
@@ -325,7 +325,8 @@ class Runner:
         work.phases["calibrate"] = time.perf_counter() - tick
         return Calibrated(report, exit_costs, curve, curve_dict, accuracy_at, operating_points,
                           {"test_accuracy": float(no_exit.accuracy[0]), "test_cost": float(no_exit.cost[0]),
-                           **({"metrics": no_exit_metrics} if no_exit_metrics else {})})
+                           **({"metrics": no_exit_metrics} if no_exit_metrics else {})},
+                          exit_accuracy(test_trace))
 
     def _assemble(self, work: CellWork, done: Calibrated) -> dict[str, Any]:
         """The cell's result (``CellResult``, schema ``SCHEMA_VERSION``) as a JSON-ready dict."""
@@ -367,7 +368,8 @@ class Runner:
             sizes={"train": len(splits.train), "calibration": len(splits.calibration), "test": len(splits.test)},
             backbone_macs=work.stage_costs.total,
             backbone_test_accuracy=base_info.test_accuracy,
-            exits={"names": done.report.exit_names, **done.exit_costs.to_dict()},
+            exits={"names": done.report.exit_names, **done.exit_costs.to_dict(),
+                   **done.exit_accuracy.to_dict(done.report.exit_names)},
             variants=done.report.variants,
             spend=budget.spend.to_dict(),
             curve=done.curve_dict,
@@ -410,6 +412,7 @@ class Calibrated:
     accuracy_at: dict[str, Any]
     operating_points: list[dict[str, Any]]
     no_exit: dict[str, Any]
+    exit_accuracy: ExitAccuracy
 
 
 Metrics = Callable[[torch.Tensor, torch.Tensor], dict[str, list[float]]]

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from eebench.costs import ExitCosts
 from eebench.passes import iterate_batches
+from eebench.results import COLLAPSE_FACTOR
 from eebench.strategy import ExitStrategy, exit_fires
 
 
@@ -99,6 +100,32 @@ def paid_exits(thresholds: torch.Tensor, chained: bool) -> torch.Tensor:
     last; for a ``chained`` rule also every exit before the last one paid."""
     enabled = torch.cat([thresholds != float("inf"), torch.ones_like(thresholds[:, :1], dtype=torch.bool)], 1)
     return enabled.flip(-1).cummax(-1).values.flip(-1) if chained else enabled
+
+
+@dataclass(frozen=True)
+class ExitAccuracy:
+    """Each exit's own accuracy with every sample forced to leave there, against chance (the most
+    frequent class's share of the split): an exit near chance is a broken classifier, not a trade-off."""
+
+    forced: list[float]
+    chance: float
+
+    def collapsed(self, names: list[str]) -> list[str]:
+        """Names of the exits at or below ``COLLAPSE_FACTOR`` × chance (``exit j`` where names are missing)."""
+        if len(names) != len(self.forced):
+            names = [f"exit {j}" for j in range(len(self.forced))]
+        return [n for n, a in zip(names, self.forced, strict=True) if a <= COLLAPSE_FACTOR * self.chance]
+
+    def to_dict(self, names: list[str]) -> dict[str, object]:
+        return {"forced_test_accuracy": self.forced, "chance": self.chance, "collapsed": self.collapsed(names)}
+
+
+def exit_accuracy(trace: ExitTrace) -> ExitAccuracy:
+    """``ExitAccuracy`` of a trace: each exit's predictions (the class it would leave with) against the labels."""
+    labels = trace.labels
+    chance = float(labels.bincount().max()) / max(1, labels.numel()) if labels.numel() else 0.0
+    forced = (trace.preds == labels[None, :]).double().mean(1) if labels.numel() else torch.zeros(trace.num_exits)
+    return ExitAccuracy([float(a) for a in forced], chance)
 
 
 @dataclass

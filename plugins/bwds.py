@@ -6,8 +6,8 @@ No public code exists (spec §4), so everything below is the spec's §4.1 **[pro
 consistent with the paper's formulation, not a reproduction of reference code.
 
 Exits. The exit classifiers are SDN's internal classifiers at SDN's positions, held in an
-``ICBank`` as SDN holds its own (``place_ics``: first exit points at 15..90 % of the
-backbone's MACs), trained IC-only on
+``ICBank`` as SDN holds its own (``place_ics``: the exit points nearest 15..90 % of the
+backbone's MACs by default, ``placement`` as SDN's; the notes say where they sit), trained IC-only on
 the frozen backbone through the shared cached activations with SDN's optimiser (Adam,
 ``lr``, ``weight_decay``, CE). By default (``schedule: per-exit``) IC j is trained in the
 phase of its own decision function (see Budget); ``schedule: ics-first`` trains all ICs
@@ -289,9 +289,11 @@ class BWDS(ExitStrategy):
         weight_decay: float = 0.0,
         policy_lr: float = 1e-2,
         schedule: str = "per-exit",
+        placement: str = "nearest",
     ) -> None:
         super().__init__(backbone, context)
-        self.bank = ICBank(backbone, context, fractions, lr, weight_decay, owner=type(self).__name__)
+        self.bank = ICBank(backbone, context, fractions, lr, weight_decay, placement=placement,
+                           owner=type(self).__name__)
         values = [float(v) for v in lambdas]
         if not values or any(not (math.isfinite(v) and v > 0) for v in values):
             raise EebenchError(f"lambdas must be a non-empty list of positive numbers, got {list(lambdas)}",
@@ -314,7 +316,7 @@ class BWDS(ExitStrategy):
 
     def report(self) -> MethodReport:
         return MethodReport(exit_names=self.bank.exit_names(), variants=[f"λ={v:.3g}" for v in self.lambdas.tolist()],
-                            notes=self.notes)
+                            notes=f"{self.notes} {self.bank.placement_note()}", fit_info=self.bank.placement_info())
 
     def exit_costs(self) -> ExitCosts:
         policy = policy_macs(self.context.num_classes)

@@ -30,9 +30,13 @@ before them (backbone MACs from the previous exit to this one, the first from th
 each β_i rises from 0.01 in 0.01 steps up to 0.99 while accuracy stays above the goal;
 at the first level L that fails, β_i = L − 2·step clamped to [0.01, 0.99]; when no level
 up to 0.99 fails, β_i = 0.99. Earlier exits keep their β. One β vector per tolerance in
-``tolerances`` gives the curve (a harness addition; the paper reports one tolerance). An
-exit whose β is 0 never excludes anything, so it is switched off (not evaluated, not
-paid).
+``tolerances`` gives the curve (a harness addition; the paper reports one tolerance): 0 and
+32 geometric steps from 0.05 % to 50 % by default, plus (``refine``) each searched vector
+with one exit at β = 1 and each exit alone at β = 1, cheaper points than the 0.99 cap
+reaches (harness additions; the hull on the calibration split picks among them). An exit
+whose β is 0 never excludes anything, so it is switched off (not evaluated, not paid). The
+search evaluates every level of one exit in one pass over the calibration trace
+(``level_accuracies``): the same numbers as the reference's level-by-level climb.
 
 Deviations, in ``notes``: the backbone starts from the cached base network and trains
 for the suite's budget (``from_scratch: true`` starts from initialisation), with SGD
@@ -188,9 +192,10 @@ class ClassExclusion(ExitStrategy):
         "Class exclusion: backbone + exclusion heads trained jointly from the cached base network under the "
         "budget (SGD lr 0.02, cosine decay; the paper trains 200 epochs from scratch), heads at every exit point "
         "but the last stage; β search per the paper (0.01 steps up to 0.99, back off two steps, exits by "
-        "preceding-segment MACs) for a sweep of accuracy tolerances; the top class always survives exclusion "
-        "(even at β = 1, where the reference empties the set); excluded final logits masked with −inf in "
-        "search and test."
+        "preceding-segment MACs) for 33 accuracy tolerances (0, 0.05–50 %), plus each searched vector with one "
+        "exit at β = 1 and each exit alone at β = 1 (cheaper than the 0.99 cap; harness additions); the top "
+        "class always survives exclusion (even at β = 1, where the reference empties the set); excluded final "
+        "logits masked with −inf in search and test."
     )
 
     def __init__(
@@ -355,8 +360,9 @@ def level_accuracies(trace: ClassExclusionTrace, betas: torch.Tensor, exit_index
     cutoff = torch.searchsorted(products, here.contiguous(), side="left")  # [N, K]
     cutoff = torch.where(candidates, cutoff, torch.zeros_like(cutoff))
     counts = torch.zeros(num_samples, levels.numel() + 1, dtype=torch.long).scatter_add_(
-        1, cutoff, torch.ones_like(cutoff))  # [N, L + 1] candidates by cutoff
-    size = counts.flip(1).cumsum(1).flip(1)[:, 1:].clamp(min=1)  # [N, L] survivors; the top class stays
+        1, cutoff, torch.ones_like(cutoff))  # [N, L + 1] candidates by cutoff (non-candidates at 0)
+    gone_by = counts.cumsum(1)[:, :-1]  # [N, L]: classes with cutoff <= l
+    size = (k - gone_by).clamp(min=1)  # [N, L] survivors: cutoff > l; the top class stays
     # only the (sample, prefix size) pairs some level reaches go through the later exits
     reached = torch.zeros(num_samples, k + 1, dtype=torch.bool).scatter_(1, size, True)
     reached &= active[:, None]
@@ -426,18 +432,22 @@ def search_order(costs: ExitCosts) -> list[int]:
 
 
 class ClassExclusionSearch(Calibrator):
-    """β vectors from the paper's greedy search, one per accuracy tolerance."""
+    """β vectors from the paper's greedy search, one per accuracy tolerance, and (``refine``) cheaper
+    neighbours of each: the vector with one exit at β = 1 (every sample still in leaves there with its
+    top class), for every exit, and every exit alone at β = 1. The search caps β at 0.99, so without them
+    the cheapest candidate is 0.99 everywhere; the calibration hull decides which are worth keeping."""
 
     Params = ClassExclusionSearchParams
     for_methods = ("class-exclusion",)  # it searches only this method's trace; checked by validate
 
     def __init__(self, tolerances: Sequence[float] = DEFAULT_TOLERANCES, step: float = 0.01,
-                 order: Sequence[int] | None = None) -> None:
+                 order: Sequence[int] | None = None, refine: bool = True) -> None:
         if not tolerances or any(not 0 <= t <= 1 for t in tolerances) or not MIN_STEP <= step <= MAX_BETA:
             raise ValueError(f"tolerances must be a non-empty list of values in [0, 1] and {MIN_STEP} <= step <= "
                              f"{MAX_BETA}")
         self.tolerances, self.step = [float(t) for t in tolerances], float(step)
         self.order = list(order) if order is not None else None
+        self.refine = bool(refine)
 
     def thresholds(self, trace: ExitTrace, costs: ExitCosts, generator: torch.Generator) -> torch.Tensor:
         if not isinstance(trace, ClassExclusionTrace):
@@ -451,4 +461,18 @@ class ClassExclusionSearch(Calibrator):
                                f"method's {heads} exclusion exits", key="order")
         memo: dict = {}
         vectors = torch.stack([search_betas(trace, order, t, self.step, memo) for t in self.tolerances])
+        if self.refine:
+            vectors = torch.cat([vectors, *forced_neighbours(vectors)]).unique(dim=0)
         return torch.where(vectors > 0, vectors, torch.full_like(vectors, float("inf")))  # β = 0: exit off
+
+
+def forced_neighbours(vectors: torch.Tensor) -> list[torch.Tensor]:
+    """For [V, J] β vectors: each with exit j at β = 1 (one block per j), and each exit alone at β = 1."""
+    heads = vectors.shape[1]
+    blocks = []
+    for j in range(heads):
+        block = vectors.clone()
+        block[:, j] = 1.0
+        blocks.append(block)
+    blocks.append(torch.eye(heads, dtype=vectors.dtype))
+    return blocks

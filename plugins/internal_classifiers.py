@@ -25,6 +25,24 @@ core's counter (``eebench.costs``), which gives
   adds are);
 - Linear: in · K with in = C·(s/r)² + extra_inputs (bias adds free).
 
+Placement (``place_ics``). Each IC gets a cost fraction (SDN's 15, 30, ..., 90 %) and sits on an
+exit point before the last stage (an IC there would duplicate the backbone's own head), chosen by
+``placement``:
+- ``"nearest"`` (default): the exit point whose cumulative backbone MACs are nearest the fraction,
+  ties to the cheaper one. Fractions are served in ascending order and every IC gets its own exit
+  point: a fraction whose nearest point is already taken gets the nearest free one (ties to the
+  cheaper), so a backbone with at least as many exit points as fractions gets one IC per
+  fraction; with fewer, each exit point gets one IC and the remaining fractions are dropped.
+  On ResNet-20 (nine blocks of about 1/9 of the MACs each; 28x28 inputs) SDN's fractions give
+  ICs at blocks 1, 3, 4, 5, 7, 8: 12.1/35.5/44.6/56.2/76.9/88.4 % of the MACs, the first below 20 %;
+- ``"first-at-least"`` (the spec's §2.1 proposal, the rule before issue 13): the first exit point
+  whose cumulative MACs reach the fraction; fractions reaching the same point share one IC; a
+  fraction no point before the last stage reaches gets the last one (ResNet-56's 88.9 % IC for
+  the nominal 90 %). On ResNet-20 that gives blocks 2, 3, 5, 6, 7, 8 (23.8 to 88.4 %), so no
+  IC-based method can then exit below 0.24.
+The methods report where their ICs really sit (``ICBank.placement_note``, in the notes, and
+``ICBank.placement_info``, in ``fit_info``).
+
 ``ICBank`` is the bank of ICs SDN, BWDS and E²CM+SDN each hold (composition, not a shared
 base class): where the ICs sit (``place_ics``), how they are built (seeded by the cell seed,
 with optional extra inputs per sample), what they cost, how they train on the shared cached
@@ -37,6 +55,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +70,7 @@ from eebench.api import (
     ExitStrategy,
     ExitTrace,
     MethodContext,
+    StageCosts,
     StagedBackbone,
     StepOutput,
     TensorImageDataset,
@@ -59,7 +79,11 @@ from eebench.api import (
     seeded_modules,
     softmax_macs,
 )
-from eebench_plugins.manifests.internal_classifiers import SDN_FRACTIONS, ICParams  # noqa: F401 (re-exported)
+from eebench_plugins.manifests.internal_classifiers import (  # noqa: F401 (re-exported)
+    PLACEMENTS,
+    SDN_FRACTIONS,
+    ICParams,
+)
 
 REDUCER_KEY = "sdn-pool"  # reduce_for_ic outputs: shared with every IC-based method
 LR_DROP_AT = 0.6  # the reference drops the lr at epoch 15 of 25
@@ -159,11 +183,13 @@ class InternalClassifier(nn.Module):
 # -- the bank of ICs SDN, BWDS and E²CM+SDN hold ------------------------------------------------
 
 
-def check_ic_params(fractions: Sequence[float], lr: float, weight_decay: float) -> None:
+def check_ic_params(fractions: Sequence[float], lr: float, weight_decay: float, placement: str = "nearest") -> None:
     """The bank's own checks (for direct use; the harness checks ``ICParams`` first)."""
     if not fractions or any(not 0 < float(f) <= 1 for f in fractions):
         raise EebenchError(f"fractions must be a non-empty list of numbers in (0, 1], got {list(fractions)}",
                            key="fractions")
+    if placement not in PLACEMENTS:
+        raise EebenchError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}", key="placement")
     if not lr > 0:
         raise EebenchError(f"lr must be > 0, got {lr}", key="lr")
     if not weight_decay >= 0:
@@ -190,20 +216,34 @@ def drop_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * LR_DROP_FACTOR
 
 
-def place_ics(backbone: StagedBackbone, context: MethodContext, fractions: list[float]) -> list[int]:
-    """First exit point reaching each cost fraction, the last stage excluded.
-
-    The last stage feeds the backbone's own classifier, so an IC there would duplicate the
-    final exit; a fraction no earlier exit point reaches gets the last one before it (on
-    ResNet-56 that is the reference code's 88.9 % IC for the nominal 90 %).
-    """
+def place_ics(backbone: StagedBackbone, context: MethodContext, fractions: list[float],
+              placement: str = "nearest") -> list[int]:
+    """The exit point (stage index) of each IC, increasing: ``placement`` picks one per cost fraction
+    among the exit points before the last stage (module doc, Placement)."""
     candidates = [s for s in backbone.exit_points if s != len(backbone.stages) - 1]
-    stages = context.stage_costs.stages_at_fractions(candidates, fractions)
     costs = context.stage_costs
+    if placement == "nearest":
+        return nearest_stages(costs, candidates, fractions)
+    if placement != "first-at-least":
+        raise EebenchError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}", key="placement")
+    stages = costs.stages_at_fractions(candidates, fractions)
     unreached = bool(candidates) and any(costs.through(candidates[-1]) < f * costs.total for f in fractions)
     if unreached and candidates[-1] not in stages:  # not when fractions merely share an exit point
         stages.append(candidates[-1])
     return stages
+
+
+def nearest_stages(costs: StageCosts, candidates: Sequence[int], fractions: Sequence[float]) -> list[int]:
+    """For each fraction (ascending), the free candidate whose cumulative MACs share is nearest it, ties
+    to the cheaper (then the earlier) one; a fraction left without a free candidate is dropped. Increasing."""
+    share = {s: costs.through(s) / costs.total for s in candidates}
+    picked: list[int] = []
+    for fraction in sorted(float(f) for f in fractions):
+        free = [s for s in candidates if s not in picked]
+        if not free:
+            break
+        picked.append(min(free, key=lambda s: (abs(share[s] - fraction), share[s])))
+    return sorted(picked)
 
 
 def _no_state(rows: int, device: torch.device) -> ExitState:
@@ -221,19 +261,20 @@ class ICBank:
 
     ``stages``: the backbone stage each IC reads (the method's exit taps); ``ics``: the ICs, one
     ``nn.ModuleList`` the method lists in its ``modules()``; ``lr`` / ``weight_decay``: their Adam;
-    ``count_softmax``: whether an IC's cost includes its softmax; ``owner``: the method's name in
-    loss messages.
+    ``placement``: how ``fractions`` pick the stages (``place_ics``); ``count_softmax``: whether an
+    IC's cost includes its softmax; ``owner``: the method's name in loss messages.
     """
 
     def __init__(self, backbone: StagedBackbone, context: MethodContext, fractions: Sequence[float],
-                 lr: float, weight_decay: float, *, extra_inputs: int = 0, count_softmax: bool = False,
-                 owner: str = "SDN") -> None:
-        check_ic_params(fractions, lr, weight_decay)
+                 lr: float, weight_decay: float, *, placement: str = "nearest", extra_inputs: int = 0,
+                 count_softmax: bool = False, owner: str = "SDN") -> None:
+        check_ic_params(fractions, lr, weight_decay, placement)
         self.context = context
         self.lr, self.weight_decay = float(lr), float(weight_decay)
         self.count_softmax = bool(count_softmax)
         self.owner = owner
-        self.stages = place_ics(backbone, context, list(fractions))
+        self.fractions, self.placement = [float(f) for f in fractions], placement
+        self.stages = place_ics(backbone, context, list(fractions), placement)
         self.ics = self._build(extra_inputs)
 
     def _build(self, extra_inputs: int) -> nn.ModuleList:
@@ -244,6 +285,24 @@ class ICBank:
 
     def exit_names(self) -> list[str]:
         return [f"ic@block{s}" for s in self.stages] + ["final"]
+
+    def cost_shares(self) -> list[float]:
+        """Each IC's stage's cumulative share of the backbone's MACs (what ``fractions`` asked for, as placed)."""
+        costs = self.context.stage_costs
+        return [costs.through(s) / costs.total for s in self.stages]
+
+    def placement_note(self) -> str:
+        """Where the ICs really sit, for a method's notes: "ICs at 12.1/35.5/... % of backbone MACs (...)"."""
+        asked = "/".join(f"{100 * f:g}" for f in self.fractions)
+        if not self.stages:
+            return f"No IC: the backbone has no exit point before its last stage (fractions {asked} %)."
+        shares = "/".join(f"{100 * f:.1f}" for f in self.cost_shares())
+        return f"ICs at {shares} % of backbone MACs ({self.placement} placement for {asked} %)."
+
+    def placement_info(self) -> dict[str, Any]:
+        """The placement for a method's ``fit_info``: rule, fractions asked for, IC stages and their cost shares."""
+        return {"placement": self.placement, "fractions": list(self.fractions), "ic_stages": list(self.stages),
+                "ic_cost_shares": self.cost_shares()}
 
     def exit_logits(self, j: int, features: torch.Tensor, backbone: StagedBackbone) -> torch.Tensor:
         """Exit j's logits: IC j's on its stage's output, or the backbone head's at the final exit."""
@@ -306,16 +365,17 @@ class ICBank:
         activations = owner.cached_activations(dataset, REDUCER_KEY)
         if activations is None or not self.stages:
             return None
-        preds, scores, labels = [], [], []
+        preds, scores, labels, details = [], [], [], []
         for logits, batch_extras, y in self._cached_logits(activations, extras):
             state = fresh_state(int(y.shape[0]), self.context.device)
             outs = [step(j, z, state, e) for j, (z, e) in enumerate(zip(logits, batch_extras, strict=True))]
             preds.append(_exits_first([o.preds for o in outs]).cpu())
             scores.append(_exits_first([o.scores.double() for o in outs]).cpu())
+            details.append([None if o.detail is None else o.detail.cpu() for o in outs])
             labels.append(y)
-        details: list[torch.Tensor | None] = [None] * (len(self.stages) + 1)
+        per_exit = [None if column[0] is None else torch.cat(list(column)) for column in zip(*details, strict=True)]
         return owner.build_traces(torch.cat(preds, -1).long(), torch.cat(scores, -1), torch.cat(labels).long(),
-                                  details)
+                                  per_exit)
 
     @torch.no_grad()
     def _cached_logits(self, activations: Activations, extras: list[torch.Tensor] | None,

@@ -2,9 +2,12 @@
 frozen backbone.
 
 Six internal classifiers (``eebench_plugins.internal_classifiers``, the reference
-``InternalClassifier``, held in an ``ICBank``) sit at the first exit points whose cumulative backbone cost
-reaches 15, 30, 45, 60, 75 and 90 % of the total (``fractions``; a coarse backbone may
-give fewer, duplicates are dropped). The backbone's own head is the final exit. At
+``InternalClassifier``, held in an ``ICBank``) sit at the exit points whose cumulative backbone
+cost is nearest 15, 30, 45, 60, 75 and 90 % of the total (``fractions``; ``placement:
+nearest``, one exit point per IC, a backbone with fewer exit points gives fewer ICs), or at
+the first exit points reaching them (``placement: first-at-least``, the rule before issue 13,
+which puts ResNet-20's first IC at 24 % of the MACs); the notes and ``fit_info`` say where they
+really sit. The backbone's own head is the final exit. At
 inference exit j predicts argmax of its IC's softmax and exits when the max softmax is
 >= T (``strict = False``); one threshold shared by all ICs is swept by default, as SDN
 does, and ``calibrator: {name: per-exit-bisection}`` gives per-exit thresholds.
@@ -83,7 +86,8 @@ class SDN(ExitStrategy):
     strict = False
     default_calibrator = "shared-threshold"
     notes = (
-        "SDN (IC-only, frozen backbone): 6 mixed-pooling ICs at 15–90 % of backbone MACs, Adam, summed CE; "
+        "SDN (IC-only, frozen backbone): 6 mixed-pooling ICs at the blocks nearest 15–90 % of backbone MACs, "
+        "Adam, summed CE; "
         "ICs trained on cached un-augmented activations (the reference augments); exit when max softmax ≥ T. "
         "Calibration trace scored from the shared fp16 activations the ICs trained on; test trace from the images."
     )
@@ -97,10 +101,11 @@ class SDN(ExitStrategy):
         weight_decay: float = 0.0,
         fallback: str = "final",
         count_softmax: bool = False,
+        placement: str = "nearest",
     ) -> None:
         super().__init__(backbone, context)
-        self.bank = ICBank(backbone, context, fractions, lr, weight_decay, count_softmax=count_softmax,
-                           owner=type(self).__name__)
+        self.bank = ICBank(backbone, context, fractions, lr, weight_decay, placement=placement,
+                           count_softmax=count_softmax, owner=type(self).__name__)
         if fallback not in FALLBACKS:
             raise EebenchError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}", key="fallback")
         self.fallback = fallback
@@ -158,4 +163,5 @@ class SDN(ExitStrategy):
         return exit_costs_at(self.context.stage_costs, self.bank.stages, self.bank.macs())
 
     def report(self) -> MethodReport:
-        return MethodReport(exit_names=self.bank.exit_names(), notes=self.notes)
+        return MethodReport(exit_names=self.bank.exit_names(), notes=f"{self.notes} {self.bank.placement_note()}",
+                            fit_info=self.bank.placement_info())

@@ -330,3 +330,22 @@ def test_a_fresh_bwds_loading_the_state_gives_the_same_traces(three_lambdas, tra
     fresh = BWDS(model, make_context(model, bundle), lambdas=[0.01, 0.1, 1.0])
     assert all(bool((w == 0).all()) for w in fresh.policies.weight)  # untrained: the state must bring them
     assert_state_reloads(three_lambdas, fresh, test)
+
+
+def test_placement_reaches_the_bank_and_the_notes(registry) -> None:
+    """Issue 13: BWDS places its ICs as SDN does (nearest by default, first-at-least on request) and says
+    where they sit in its notes and fit_info."""
+    model = registry.get("backbones", "resnet20")(10, (1, 28, 28)).eval()
+    costs = StageCosts.measure(model, (1, 28, 28))
+    context = MethodContext(10, (1, 28, 28), costs, torch.device("cpu"), seed=0)
+    nearest = BWDS(model, context, lambdas=[0.1])
+    old = BWDS(model, context, lambdas=[0.1], placement="first-at-least")
+    assert old.bank.stages == [2, 3, 5, 6, 7, 8] and nearest.bank.stages[0] == 1
+    assert nearest.exit_taps() == nearest.bank.stages
+    shares = "/".join(f"{100 * costs.through(s) / costs.total:.1f}" for s in nearest.bank.stages)
+    report = nearest.report()
+    assert report.notes.startswith(BWDS.notes) and f"ICs at {shares} % of backbone MACs" in report.notes
+    assert report.fit_info["ic_stages"] == nearest.bank.stages and report.fit_info["placement"] == "nearest"
+    with pytest.raises(EebenchError) as error:
+        BWDS(model, context, placement="last")
+    assert error.value.key == "placement"

@@ -132,12 +132,12 @@ def test_default_search_order_is_preceding_segment_macs_descending() -> None:
     costs = ExitCosts(torch.tensor([10.0, 40.0, 100.0], dtype=torch.float64), torch.zeros(3, dtype=torch.float64),
                       100.0)
     assert search_order(costs) == [1, 0]
-    [vector] = ClassExclusionSearch(tolerances=(0.15,)).thresholds(trace, costs, torch.Generator())
+    [vector] = ClassExclusionSearch(tolerances=(0.15,), refine=False).thresholds(trace, costs, torch.Generator())
     assert vector.tolist() == pytest.approx([0.03, 0.48], abs=1e-12)
     # the other way round (segment before exit 0 the larger) searches exit 0 first
     costs = ExitCosts(torch.tensor([30.0, 40.0, 100.0], dtype=torch.float64), torch.zeros(3, dtype=torch.float64),
                       100.0)
-    [vector] = ClassExclusionSearch(tolerances=(0.15,)).thresholds(trace, costs, torch.Generator())
+    [vector] = ClassExclusionSearch(tolerances=(0.15,), refine=False).thresholds(trace, costs, torch.Generator())
     assert vector.tolist() == pytest.approx([0.28, 0.03], abs=1e-12)
 
 
@@ -254,14 +254,41 @@ def test_search_equals_the_plain_reference_loop_and_curve_is_built(fitted, trace
     segments = [reach[0]] + [b - a for a, b in zip(reach, reach[1:], strict=False)]
     assert search_order(costs) == sorted(range(heads), key=lambda j: (-segments[j], j))
     assert len(set(segments)) > 1 and search_order(costs) != order  # the default order is not the exit order
-    vectors = ClassExclusionSearch(tolerances=(0.0, 0.05, 0.2, 0.5)).thresholds(calibration, costs,
-                                                                                  torch.Generator())
+    vectors = ClassExclusionSearch(tolerances=(0.0, 0.05, 0.2, 0.5), refine=False).thresholds(
+        calibration, costs, torch.Generator())
     default = search_order(costs)
     for tolerance, vector in zip((0.0, 0.05, 0.2, 0.5), vectors, strict=True):
         assert vector.tolist() == pytest.approx(search_betas(calibration, default, tolerance).tolist(), abs=1e-12)
     curve = build_curve([calibration], [on_test], costs, [vectors])
     assert bool((curve.calibration_accuracy.diff() >= 0).all())
     assert float(curve.calibration_cost.min()) < 1.0  # exclusion does make samples leave early
+
+
+def test_refined_candidates_reach_below_the_searched_ones(fitted, traces) -> None:
+    """``refine`` adds each searched vector with one exit at β = 1 and each exit alone at β = 1: the
+    hull then reaches cheaper points than the search's 0.99 cap, and keeps every searched vector."""
+    strategy, *_ = fitted
+    calibration, on_test = traces
+    costs = strategy.exit_costs()
+    tolerances = (0.0, 0.05, 0.2)
+    searched = ClassExclusionSearch(tolerances=tolerances, refine=False).thresholds(calibration, costs,
+                                                                                     torch.Generator())
+    refined = ClassExclusionSearch(tolerances=tolerances).thresholds(calibration, costs, torch.Generator())
+    rows = {tuple(r) for r in refined.tolist()}
+    assert {tuple(r) for r in searched.tolist()} <= rows
+    heads = searched.shape[1]
+    for vector in searched:
+        for j in range(heads):
+            neighbour = vector.clone()
+            neighbour[j] = 1.0
+            assert tuple(neighbour.tolist()) in rows
+    alone = torch.full((heads, heads), math.inf, dtype=torch.float64).fill_diagonal_(1.0)
+    assert {tuple(r) for r in alone.tolist()} <= rows
+    cheapest = {name: float(build_curve([calibration], [on_test], costs, [v]).calibration_cost.min())
+                for name, v in (("searched", searched), ("refined", refined))}
+    first_exit_cost = float(costs.normalised()[0])
+    assert cheapest["refined"] < cheapest["searched"]
+    assert cheapest["refined"] <= first_exit_cost + 1e-12  # everyone leaving at the first exit is on the table
 
 
 def test_the_executor_keeps_the_alive_sets_of_the_trace(fitted, traces) -> None:
@@ -271,8 +298,8 @@ def test_the_executor_keeps_the_alive_sets_of_the_trace(fitted, traces) -> None:
     strategy, *_, test = fitted
     calibration, on_test = traces
     strategy.eval()
-    searched = ClassExclusionSearch(tolerances=(0.02, 0.1, 0.3)).thresholds(calibration, strategy.exit_costs(),
-                                                                                 torch.Generator())
+    searched = ClassExclusionSearch(tolerances=(0.02, 0.1, 0.3), refine=False).thresholds(
+        calibration, strategy.exit_costs(), torch.Generator())
     heads = on_test.num_exits - 1
     hand = searched[-1].repeat(3, 1)  # the loosest tolerance: exits at several heads
     hand[0, 1] = math.inf  # an exit switched off

@@ -48,3 +48,12 @@ def test_results_match_the_pinned_numbers(pinned_run: dict[str, Any], method: st
     pinned = json.loads(PINNED_FILE.read_text())[method]
     found = differences(pinned, pinned_run[method])
     assert not found, f"{method}: {len(found)} numbers moved, first: {found[:5]}"
+
+
+def test_every_exit_reports_its_own_accuracy(pinned_run: dict[str, Any]) -> None:
+    """Forced-exit accuracy for every exit of every method; the last exit on its own is what every exit
+    switched off gives (the plain backbone's answer)."""
+    for method, numbers in pinned_run.items():
+        exits = numbers["exits"]
+        assert len(exits["forced_test_accuracy"]) == len(exits["names"]), method
+        assert abs(exits["forced_test_accuracy"][-1] - numbers["no_exit"]["test_accuracy"]) < 1e-12, method

@@ -49,10 +49,11 @@ def fitted(trained_resnet20, small_fmnist):
 
 @pytest.mark.parametrize(("name", "shape"), [("resnet20", (1, 28, 28)), ("resnet18", (3, 32, 32))])
 def test_ics_sit_at_the_first_exit_point_reaching_each_fraction(registry, name, shape) -> None:
+    """``placement: first-at-least``, the rule before issue 13."""
     model = registry.get("backbones", name)(10, shape).eval()
     costs = StageCosts.measure(model, shape)
     context = MethodContext(10, shape, costs, torch.device("cpu"), seed=0)
-    strategy = SDN(model, context)
+    strategy = SDN(model, context, placement="first-at-least")
     candidates = [s for s in model.exit_points if s != len(model.stages) - 1]  # never the final stage
     expected = []
     for fraction in FRACTIONS:
@@ -73,6 +74,63 @@ def test_ics_sit_at_the_first_exit_point_reaching_each_fraction(registry, name, 
     exit_costs = strategy.exit_costs()
     assert exit_costs.backbone_macs.tolist() == [costs.through(s) for s in expected] + [costs.total]
     assert exit_costs.overhead_macs[-1].item() == 0.0 and exit_costs.reference_macs == costs.total
+
+
+@pytest.mark.parametrize(("name", "shape"), [("resnet20", (1, 28, 28)), ("resnet18", (3, 32, 32))])
+def test_ics_sit_at_the_exit_point_nearest_each_fraction(registry, name, shape) -> None:
+    """The default ``placement: nearest``: each IC at the exit point (before the last stage) whose
+    cumulative share of the MACs is nearest its fraction; on these backbones no two fractions share
+    one, so that is each fraction's unconstrained nearest point."""
+    model = registry.get("backbones", name)(10, shape).eval()
+    costs = StageCosts.measure(model, shape)
+    strategy = SDN(model, MethodContext(10, shape, costs, torch.device("cpu"), seed=0))
+    candidates = [s for s in model.exit_points if s != len(model.stages) - 1]
+    share = {s: sum(costs.stage_macs[: s + 1]) / costs.total for s in candidates}
+    expected = [min(candidates, key=lambda s: (abs(share[s] - f), share[s])) for f in FRACTIONS]
+    assert len(set(expected)) == 6 and expected == sorted(expected)
+    assert strategy.bank.stages == expected and strategy.bank.placement == "nearest"
+    for stage, fraction in zip(expected, FRACTIONS, strict=True):
+        assert all(abs(share[stage] - fraction) <= abs(share[s] - fraction) for s in candidates)
+    exit_costs = strategy.exit_costs()
+    assert exit_costs.backbone_macs.tolist() == [costs.through(s) for s in expected] + [costs.total]
+
+
+def test_resnet20_placement_old_and_new(registry) -> None:
+    """Issue 13: on ResNet-20 the first-at-least rule puts the ICs at blocks 2, 3, 5, 6, 7, 8 (24 to 88 %
+    of the MACs), so nothing IC-based exits below 0.24; the nearest rule starts at block 1, below 0.20."""
+    model = registry.get("backbones", "resnet20")(10, (1, 28, 28)).eval()
+    costs = StageCosts.measure(model, (1, 28, 28))
+    context = MethodContext(10, (1, 28, 28), costs, torch.device("cpu"), seed=0)
+    old = SDN(model, context, placement="first-at-least")
+    new = SDN(model, context)
+    assert old.bank.stages == [2, 3, 5, 6, 7, 8]
+    assert old.bank.cost_shares()[0] > 0.23
+    assert new.bank.stages[0] == 1 and new.bank.cost_shares()[0] < 0.20
+    assert new.bank.stages[-1] == 8 and len(new.bank.stages) == 6
+    # the cheapest exit of each: the first IC's cumulative cost (backbone + IC), normalised
+    assert new.exit_costs().normalised()[0].item() < 0.20 < old.exit_costs().normalised()[0].item()
+    # the notes (shown in leaderboards) and fit_info say where the ICs really sit
+    shares = "/".join(f"{100 * costs.through(s) / costs.total:.1f}" for s in new.bank.stages)
+    report = new.report()
+    assert f"ICs at {shares} % of backbone MACs (nearest placement for 15/30/45/60/75/90 %)." in report.notes
+    assert report.fit_info == {"placement": "nearest", "fractions": FRACTIONS, "ic_stages": new.bank.stages,
+                               "ic_cost_shares": pytest.approx([costs.through(s) / costs.total
+                                                                for s in new.bank.stages])}
+    assert "first-at-least placement" in old.report().notes
+
+
+def test_placement_is_validated(registry) -> None:
+    from eebench.api import EebenchError
+    from eebench_plugins.manifests.sdn import SDNParams
+
+    model = registry.get("backbones", "resnet20")(10, (1, 28, 28)).eval()
+    context = MethodContext(10, (1, 28, 28), StageCosts.measure(model, (1, 28, 28)), torch.device("cpu"), seed=0)
+    with pytest.raises(EebenchError) as error:
+        SDN(model, context, placement="closest")
+    assert error.value.key == "placement"
+    assert SDNParams().placement == "nearest" and SDNParams(placement="first-at-least").placement == "first-at-least"
+    with pytest.raises(ValueError, match="placement"):
+        SDNParams(placement="closest")
 
 
 def test_frozen_backbone_is_bit_identical_after_fit(fitted) -> None:
@@ -220,15 +278,31 @@ def test_cli_runs_e2cm_and_sdn_and_records_the_shared_pass(tmp_path) -> None:
 
 
 def test_fractions_sharing_an_exit_point_get_one_ic_and_no_extra(registry) -> None:
-    """Two fractions reached at the same block give that one IC; only an unreached fraction adds the
-    last exit point before the final stage."""
+    """first-at-least: two fractions reached at the same block give that one IC; only an unreached
+    fraction adds the last exit point before the final stage."""
     model = registry.get("backbones", "resnet20")(10, (1, 28, 28)).eval()
     costs = StageCosts.measure(model, (1, 28, 28))
     context = MethodContext(10, (1, 28, 28), costs, torch.device("cpu"), seed=0)
     candidates = [s for s in model.exit_points if s != len(model.stages) - 1]
     first = min(s for s in candidates if costs.through(s) >= 0.5 * costs.total)
-    assert place_ics(model, context, [0.5, 0.5001]) == [first]
-    assert place_ics(model, context, [0.5, 0.9999]) == [first, candidates[-1]]
+    assert place_ics(model, context, [0.5, 0.5001], "first-at-least") == [first]
+    assert place_ics(model, context, [0.5, 0.9999], "first-at-least") == [first, candidates[-1]]
+
+
+def test_nearest_placement_keeps_the_ics_on_distinct_blocks(registry) -> None:
+    """nearest: a fraction whose nearest block is taken gets the nearest free one (ties to the cheaper);
+    with more fractions than exit points every exit point gets one IC and the rest are dropped."""
+    model = registry.get("backbones", "resnet20")(10, (1, 28, 28)).eval()
+    costs = StageCosts.measure(model, (1, 28, 28))
+    context = MethodContext(10, (1, 28, 28), costs, torch.device("cpu"), seed=0)
+    candidates = [s for s in model.exit_points if s != len(model.stages) - 1]
+    share = {s: costs.through(s) / costs.total for s in candidates}
+    nearest = min(candidates, key=lambda s: abs(share[s] - 0.5))
+    runner_up = min((s for s in candidates if s != nearest), key=lambda s: (abs(share[s] - 0.5), share[s]))
+    assert place_ics(model, context, [0.5, 0.5001]) == sorted([nearest, runner_up])
+    assert place_ics(model, context, [0.5001, 0.5]) == sorted([nearest, runner_up])  # served in ascending order
+    assert place_ics(model, context, [0.01] * 20) == candidates  # every exit point, the extra fractions dropped
+    assert place_ics(model, context, [1.0]) == [candidates[-1]]  # never the last stage, the head's
 
 
 def test_executor_matches_the_trace(fitted, small_fmnist) -> None:

@@ -12,7 +12,8 @@ from eebench.lazy import lazy
 from eebench.params import Params
 
 MAX_BETA = 0.99  # the β search's highest level and upper clamp
-DEFAULT_TOLERANCES = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3, 0.5)
+# accuracy drops: 0, then 32 geometric steps (×1.25) from 0.05 % to 50 %: a dense curve, one β vector each
+DEFAULT_TOLERANCES = (0.0, *(round(0.0005 * 1.25**k, 6) for k in range(32)))
 MIN_STEP = 1e-4  # the β search's finest step (0.99 / step levels per exit)
 
 
@@ -38,11 +39,13 @@ class ClassExclusionParams(Params):
 
 class ClassExclusionSearchParams(Params):
     """``tolerances``: accuracy drops in [0, 1] (one β vector each); ``step``: the β search's step;
-    ``order``: the exits' search order (default: by the MACs of the segment before each)."""
+    ``order``: the exits' search order (default: by the MACs of the segment before each); ``refine``:
+    also propose each searched vector with one exit at β = 1, and each exit alone at β = 1."""
 
     tolerances: list[float] = Field(default_factory=lambda: list(DEFAULT_TOLERANCES), min_length=1, max_length=1000)
     step: float = Field(0.01, ge=MIN_STEP, le=MAX_BETA)
     order: list[int] | None = None
+    refine: bool = True
 
     @field_validator("tolerances")
     @classmethod
