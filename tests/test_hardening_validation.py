@@ -146,7 +146,7 @@ def test_duplicate_seeds_are_refused(tmp_path, capsys) -> None:
         ({"name": "e2cm", "params": {"pool_size": 2}}, "methods[0].params.pool_size",
          "unknown parameter 'pool_size'; expected parameters among: pool_to, auto_pool_above, count_softmax"),
         ({"name": "e2cm+sdn", "params": {"rules": ["same-class", "majority"]}}, "methods[0].params.rules[1]",
-         "must be one of 'same-class' or 'confidence'"),
+         "must be one of 'same-class', 'confidence', 'or' or 'or-e2cm-class'"),
         ({"name": "e2cm+sdn", "params": {"grid": 0}}, "methods[0].params.grid", "grid must be >= 1"),
         ({"name": "bwds", "params": {"lambdas": [0.1, 0]}}, "methods[0].params.lambdas",
          "lambdas must be a non-empty list of positive numbers"),
