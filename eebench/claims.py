@@ -24,14 +24,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import eebench
 from eebench.errors import EebenchError
 from eebench.params import location
 from eebench.results import load_failures, load_results
-from eebench.suite import SuiteLoader, SuiteRefused, _suite_detail, _yaml_problem
+from eebench.suite import _suite_detail, parse_yaml
 
 HOLDS = "holds"
 FAILS = "does not hold"
@@ -222,15 +221,7 @@ def load_claims(path: str | Path) -> ClaimsFile:
         line = data[: exc.start].count(b"\n") + 1
         raise EebenchError(f"byte 0x{data[exc.start]:02x} at offset {exc.start} is not UTF-8; expected UTF-8 YAML",
                            where=where, key=f"line {line}") from exc
-    try:
-        raw = yaml.load(text, Loader=SuiteLoader)  # noqa: S506 -- SuiteLoader is a SafeLoader
-    except SuiteRefused as exc:
-        raise EebenchError(exc.message, where=where, key=exc.key) from exc
-    except yaml.YAMLError as exc:
-        key, problem = _yaml_problem(exc)
-        raise EebenchError(f"not valid YAML: {problem}", where=where, key=key) from exc
-    except RecursionError as exc:
-        raise EebenchError("the YAML nests too deeply; expected ordinary depth", where=where, key="(parse)") from exc
+    raw = parse_yaml(text, where, "a claims file")
     if not isinstance(raw, dict):
         raise EebenchError("expected a mapping with the key 'claims' (a list of claims)", where=where,
                            key="(top level)")

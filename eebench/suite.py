@@ -365,6 +365,21 @@ def _read_text(path: Path, where: str) -> str:
                            "encoded YAML file", where=where, key=f"line {line}") from exc
 
 
+def parse_yaml(text: str, where: str, what: str) -> Any:
+    """Safe YAML (duplicate keys, aliases and tags refused by ``SuiteLoader``); any problem is one line
+    naming ``where`` and the key or line (``what``, e.g. "a suite", says what was expected)."""
+    try:
+        return yaml.load(text, Loader=SuiteLoader)  # noqa: S506 -- SuiteLoader is a SafeLoader
+    except SuiteRefused as exc:
+        raise EebenchError(exc.message, where=where, key=exc.key) from exc
+    except yaml.YAMLError as exc:
+        key, problem = _yaml_problem(exc)
+        raise EebenchError(f"not valid YAML: {problem}", where=where, key=key) from exc
+    except RecursionError as exc:
+        raise EebenchError(f"the YAML nests too deeply; expected {what} of ordinary depth", where=where,
+                           key="(parse)") from exc
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> tuple[str, str]:
     mark = getattr(exc, "problem_mark", None)
     if isinstance(exc, yaml.reader.ReaderError):
@@ -398,16 +413,7 @@ def load_suite(path: str | Path) -> Suite:
     if not path.is_file():
         raise EebenchError("no such suite file; expected a YAML file", where=where)
     text = _read_text(path, where)
-    try:
-        raw = yaml.load(text, Loader=SuiteLoader)  # noqa: S506 -- SuiteLoader is a SafeLoader
-    except SuiteRefused as exc:
-        raise EebenchError(exc.message, where=where, key=exc.key) from exc
-    except yaml.YAMLError as exc:
-        key, problem = _yaml_problem(exc)
-        raise EebenchError(f"not valid YAML: {problem}", where=where, key=key) from exc
-    except RecursionError as exc:
-        raise EebenchError("the YAML nests too deeply; expected a suite of ordinary depth", where=where,
-                           key="(parse)") from exc
+    raw = parse_yaml(text, where, "a suite")
     if not isinstance(raw, dict):
         raise EebenchError("expected a mapping with keys name, datasets, backbones, methods, budgets",
                            where=where, key="(top level)")
