@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.data import Dataset
 
-from eebench.model import StagedBackbone
+from eebench.model import StagedBackbone, stage_taps
 from eebench.passes import iterate_batches
 
 Reducer = Callable[[int, torch.Tensor], torch.Tensor]
@@ -174,23 +174,16 @@ class ActivationCache:
         """One pass of the frozen ``backbone`` over ``dataset``, batch by batch (every exit point's output);
         on the way it fills each wanted activation product not yet held for ``dataset`` (sharing on), which
         then reads as already computed, at this pass's wall seconds."""
-        backbone.eval()
         fill = {key: reducer for key, reducer in self._wanted.items()
                 if self.share and self.peek(backbone_key, dataset, key) is None}
         writers = {key: _ActivationWriter(len(dataset), reducer, self.storage_dtype) for key, reducer in fill.items()}
-        wanted = set(backbone.exit_points)
         started = time.perf_counter()
-        for x, y in iterate_batches(dataset, batch_size, device=device, description=description):
-            with torch.no_grad():
-                outputs, out = {}, x
-                for index, out in backbone.iter_stages(x):
-                    if index in wanted:
-                        outputs[index] = out
-                batch = FrozenBatch(outputs, out, y)
-                if writers:
-                    head = backbone.head(out)
-                    for writer in writers.values():
-                        writer.add(batch, head)
+        for batch in _frozen_batches(backbone, dataset, batch_size, device, description):
+            if writers:
+                with torch.no_grad():
+                    head = backbone.head(batch.last)
+                for writer in writers.values():
+                    writer.add(batch, head)
             yield batch
         seconds = time.perf_counter() - started
         for key, writer in writers.items():
@@ -202,13 +195,18 @@ class ActivationCache:
                  device: torch.device | str) -> Activations:
         """One pass writing one product."""
         writer = _ActivationWriter(len(dataset), reducer, self.storage_dtype)
-        backbone.eval()
-        wanted = set(backbone.exit_points)
-        with torch.no_grad():
-            for x, y in iterate_batches(dataset, batch_size, device=device, description="shared activations"):
-                outputs, out = {}, x
-                for index, out in backbone.iter_stages(x):
-                    if index in wanted:
-                        outputs[index] = out
-                writer.add(FrozenBatch(outputs, out, y), backbone.head(out))
+        for batch in _frozen_batches(backbone, dataset, batch_size, device, "shared activations"):
+            with torch.no_grad():
+                writer.add(batch, backbone.head(batch.last))
         return writer.finish(list(backbone.exit_points))
+
+
+def _frozen_batches(backbone: StagedBackbone, dataset: Dataset, batch_size: int, device: torch.device | str,
+                    description: str) -> Iterator[FrozenBatch]:
+    """Every exit point's output of the frozen ``backbone`` (eval mode, no autograd), batch by batch."""
+    backbone.eval()
+    points = sorted(backbone.exit_points)
+    for x, y in iterate_batches(dataset, batch_size, device=device, description=description):
+        with torch.no_grad():
+            outputs, last = stage_taps(backbone, x, points)
+        yield FrozenBatch(dict(zip(points, outputs, strict=True)), last, y)

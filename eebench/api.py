@@ -44,7 +44,7 @@ from eebench.costs import (
 from eebench.datasets import DatasetBundle, TensorImageDataset, random_crop_flip, take
 from eebench.errors import EebenchError, check_finite_loss
 from eebench.lazy import LazyFactory, lazy
-from eebench.model import StagedBackbone
+from eebench.model import StagedBackbone, stage_taps
 from eebench.params import Params, params_model
 from eebench.passes import iterate_batches
 from eebench.progress import progress
@@ -59,7 +59,6 @@ from eebench.strategy import (
     exit_costs_at,
     exit_fires,
     seeded_modules,
-    stage_taps,
 )
 from eebench.trace import ExitTrace
 

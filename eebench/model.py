@@ -52,3 +52,18 @@ class StagedBackbone(nn.Module):
         """Every stage output and the head's logits, from one forward pass."""
         outputs = [out for _, out in self.iter_stages(x)]
         return outputs, self.head(outputs[-1])
+
+
+def stage_taps(backbone: StagedBackbone, x: torch.Tensor, taps: Sequence[int],
+               through: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The outputs of stages ``taps`` and of the last stage run, from one pass of ``backbone``
+    (stopping after stage ``through`` when given): what a method's training loop reads."""
+    wanted, outputs, out = set(taps), [], x
+    last = len(backbone.stages) - 1 if through is None else through
+    for index, stage in enumerate(backbone.stages):
+        out = stage(out)
+        if index in wanted:
+            outputs.append(out)
+        if index >= last:
+            break
+    return outputs, out

@@ -664,12 +664,13 @@ def _declare_frozen_products(runner: Runner, registry: Registry, cells: list[Cel
 def _run_cells(suite: Suite, registry: Registry, cells: list[Cell], *, suite_path: str, run_dir: Path,
                device: torch.device, log: Callable[[str], None], share_activations: bool) -> RunReport:
     runner = Runner(suite, registry, suite_path=suite_path, device=device, share_activations=share_activations)
-    _declare_frozen_products(runner, registry, [c for c in cells if not finished(run_dir, c.cell_id, c.config_hash,
-                                                                                   str(device))])
+    pending = [c for c in cells if not finished(run_dir, c.cell_id, c.config_hash, str(device))]
+    _declare_frozen_products(runner, registry, pending)
+    todo = {c.cell_id for c in pending}  # read once: the run lock keeps other runs out
     report = RunReport(run_dir)
     start = time.perf_counter()
     for index, cell in enumerate(cells, 1):
-        if finished(run_dir, cell.cell_id, cell.config_hash, str(device)):
+        if cell.cell_id not in todo:
             report.skipped.append(cell.cell_id)
             log(f"[{index}/{len(cells)}] {cell.cell_id}: already done, skipped")
             continue

@@ -53,7 +53,7 @@ exit's decision, uncounted as every method's threshold test is.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +126,26 @@ def exclusion_step(scores: torch.Tensor, alive: torch.Tensor,
     return alive, on & (alive.sum(-1) == 1), alive.int().argmax(-1)
 
 
+def walk_exits(scores_at: Callable[[int], torch.Tensor], betas_at: Callable[[int], torch.Tensor],
+               exits: Iterable[int], alive: torch.Tensor, active: torch.Tensor, pred: torch.Tensor,
+               first: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Samples still ``active`` through ``exits`` in order (``exclusion_step`` at each; an exit whose β is
+    off for every row is skipped): the alive sets, who is still in, and the class of those who left
+    (``first`` gets the exit they left at, in place, when given)."""
+    for i in exits:
+        beta = betas_at(i)
+        if not bool((torch.isfinite(beta) & (beta > 0)).any()):
+            continue
+        updated, leaves, single = exclusion_step(scores_at(i), alive, beta)
+        alive = torch.where(active[..., None], updated, alive)
+        leaving = active & leaves
+        if first is not None:
+            first[leaving] = i
+        pred = torch.where(leaving, single, pred)
+        active = active & ~leaving
+    return alive, active, pred
+
+
 def exclusion_outcome(scores: torch.Tensor, final_logits: torch.Tensor, betas: torch.Tensor,
                       with_alive: bool = False) -> tuple[torch.Tensor, ...]:
     """First exit and prediction of every sample under each β vector.
@@ -141,16 +161,8 @@ def exclusion_outcome(scores: torch.Tensor, final_logits: torch.Tensor, betas: t
     first = torch.full((vectors, num_samples), num_heads, dtype=torch.long)
     pred = torch.zeros(vectors, num_samples, dtype=torch.long)
     active = torch.ones(vectors, num_samples, dtype=torch.bool)  # not left yet
-    for i in range(num_heads):
-        beta = betas[:, i]
-        if not bool((torch.isfinite(beta) & (beta > 0)).any()):
-            continue
-        updated, leaves, single = exclusion_step(scores[i], alive, beta[:, None])
-        alive = torch.where(active[:, :, None], updated, alive)
-        leaving = active & leaves
-        first[leaving] = i
-        pred = torch.where(leaving, single, pred)
-        active &= ~leaving
+    alive, active, pred = walk_exits(lambda i: scores[i], lambda i: betas[:, i, None], range(num_heads),
+                                     alive, active, pred, first)
     masked = final_logits[None].masked_fill(~alive, float("-inf"))
     pred = torch.where(active, masked.argmax(2), pred)
     return (first, pred, alive) if with_alive else (first, pred)
@@ -340,17 +352,9 @@ def level_accuracies(trace: ClassExclusionTrace, betas: torch.Tensor, exit_index
     num_heads, num_samples, k = scores.shape
     before = betas.clone()
     before[exit_index:] = 0  # the exits up to this one, as they are
-    alive = torch.ones(num_samples, k, dtype=torch.bool)
-    active = torch.ones(num_samples, dtype=torch.bool)
-    settled = torch.zeros(num_samples, dtype=torch.long)  # the class of samples that already left
-    for i in range(exit_index):
-        if not float(before[i]) > 0:
-            continue
-        updated, leaves, single = exclusion_step(scores[i], alive, before[i])
-        alive = torch.where(active[:, None], updated, alive)
-        leaving = active & leaves
-        settled = torch.where(leaving, single, settled)
-        active &= ~leaving
+    alive, active, settled = walk_exits(  # settled: the class of samples that already left
+        lambda i: scores[i], lambda i: before[i], range(exit_index), torch.ones(num_samples, k, dtype=torch.bool),
+        torch.ones(num_samples, dtype=torch.bool), torch.zeros(num_samples, dtype=torch.long))
     here = scores[exit_index]  # [N, K]
     top_value, top = here.max(-1, keepdim=True)
     candidates = alive.scatter(-1, top, True)  # recovery: the top class is alive again
@@ -371,15 +375,9 @@ def level_accuracies(trace: ClassExclusionTrace, betas: torch.Tensor, exit_index
     rank = torch.empty_like(ranked).scatter_(-1, ranked, torch.arange(k).expand(num_samples, k))
     pair_alive = (rank[sample] < kept[:, None]) & candidates[sample]  # [P, K]: the `kept` best candidates
     pair_active = kept > 1  # one class left: the sample leaves here
-    pred = pair_alive.int().argmax(-1)
-    for i in range(exit_index + 1, num_heads):  # the later exits already searched
-        if not float(betas[i]) > 0:
-            continue
-        updated, leaves, single = exclusion_step(scores[i][sample], pair_alive, betas[i])
-        pair_alive = torch.where(pair_active[:, None], updated, pair_alive)
-        leaving = pair_active & leaves
-        pred = torch.where(leaving, single, pred)
-        pair_active &= ~leaving
+    pair_alive, pair_active, pred = walk_exits(  # through the later exits (those already searched)
+        lambda i: scores[i][sample], lambda i: betas[i], range(exit_index + 1, num_heads), pair_alive, pair_active,
+        pair_alive.int().argmax(-1))
     masked = final[sample].masked_fill(~pair_alive, float("-inf")).argmax(-1)
     pred = torch.where(pair_active, masked, pred)
     table = torch.zeros(num_samples, k + 1, dtype=torch.bool)

@@ -36,6 +36,7 @@ from eebench.api import (
     iterate_batches,
     multiply_add_macs,
     squared_distance_macs,
+    stage_taps,
     take,
 )
 
@@ -165,11 +166,9 @@ def build_exits(stages: Iterable[int], feature_shapes: Mapping[int, tuple[int, .
 
 def _stage_outputs(backbone: StagedBackbone, x: torch.Tensor,
                    wanted: Mapping[int, object]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    outputs, out = {}, x
-    for index, out in backbone.iter_stages(x):
-        if index in wanted:
-            outputs[index] = out
-    return outputs, out
+    stages = sorted(wanted)
+    outputs, last = stage_taps(backbone, x, stages)
+    return dict(zip(stages, outputs, strict=True)), last
 
 
 def _batch_outputs(backbone: StagedBackbone, batch: FrozenBatch | tuple[torch.Tensor, torch.Tensor],
