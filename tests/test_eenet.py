@@ -14,8 +14,8 @@ from eebench.costs import StageCosts
 from eebench.strategy import MethodContext
 from eebench.testing import assert_executor_matches
 from eebench.trace import compute_trace, compute_traces
-from eebench_plugins.budgets import SamplesBudget
-from eebench_plugins.eenet import DISTRIBUTIONS, EENet, eenet_loss
+from eebench_plugins.budgets import EpochsBudget, SamplesBudget, SecondsBudget
+from eebench_plugins.eenet import DISTRIBUTIONS, EENet, ExitBlock, eenet_loss, eenet_warmup_loss
 
 # Cost fractions (cumulative backbone MACs at each exit, plain backbone = 1) that the five
 # distributions give with num_ee = 2 on resnet20 for 1×28×28 inputs (the table in eenet.py's docstring).
@@ -49,6 +49,27 @@ def test_lv2_loss_equals_a_hand_computed_two_exit_case() -> None:
     zero = torch.tensor([[1.0, 0.0, 0.0]])
     clamped = eenet_loss([zero, zero], [torch.tensor([0.5])], costs, torch.tensor([1]), 0.0)
     assert float(clamped) == pytest.approx(-2 * math.log(1e-12), rel=1e-6)
+
+
+def test_the_warmup_loss_is_every_exits_cross_entropy() -> None:
+    logits = [torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]]), torch.tensor([[0.0, 1.0, 0.0], [1.0, -1.0, 3.0]])]
+    y = torch.tensor([1, 2])
+    expected = 0.0
+    for z in logits:  # L_v0 = Σ_i NLL(log softmax(z_i), y), each a batch mean
+        p = torch.softmax(z, 1)
+        expected += -(math.log(p[0, 1]) + math.log(p[1, 2])) / 2
+    assert float(eenet_warmup_loss(logits, y)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_poolbn_standardises_the_pooled_vector_and_takes_a_batch_of_one() -> None:
+    torch.manual_seed(0)
+    block = ExitBlock((16, 7, 7), 10, "poolbn").train()
+    x = 5.0 + torch.randn(64, 16, 7, 7)  # pooled: mean 5, spread ~0.14 across images
+    block(x)
+    v = block.features(x)
+    assert v.mean(0).abs().max() < 1e-3 and (v.std(0, unbiased=False) - 1).abs().max() < 1e-2
+    logits, h = block(x[:1])  # a trimmed last batch of one sample: the running statistics
+    assert logits.shape == (1, 10) and h.shape == (1,)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +130,43 @@ def test_native_cost_is_the_papers_accounting(untrained) -> None:
     assert "paper's accounting" in native.notes
 
 
+def test_the_warmup_is_a_share_of_the_budget(untrained) -> None:
+    model, context = untrained
+    strategy = EENet(model, context)
+    assert strategy.warmup_fraction == 0.5 and strategy.exit_type == "poolbn"
+    samples = SamplesBudget(600)
+    rule = strategy._in_warmup(samples, 60_000)
+    assert rule(0) and rule(299) and not rule(300)
+    epochs = EpochsBudget(1)
+    epochs.bind(60_000)
+    rule = strategy._in_warmup(epochs, 60_000)
+    assert rule(29_999) and not rule(30_000)
+    clock = SecondsBudget(1_000.0)  # no sample plan: the first half of the clock
+    assert strategy._in_warmup(clock, 60_000)(10**9)
+    reference = EENet(model, context, warmup_fraction=25 / 150)._in_warmup(samples, 60_000)
+    assert reference(99) and not reference(100)
+    assert not EENet(model, context, warmup_fraction=0.0)._in_warmup(samples, 60_000)(0)  # the paper's one stage
+    with pytest.raises(ValueError, match="warmup_fraction"):
+        EENet(model, context, warmup_fraction=1.0)
+
+
+def test_after_fit_the_early_exits_are_real_classifiers(trained_resnet20, small_fmnist) -> None:
+    """Issue 13: L_v2 alone from a trained backbone left every early exit at chance (one class for
+    every image). With the two-stage schedule and poolbn exits, 2,560 samples (80 batches) over the
+    200-image subset make both exits classify the 300 test images well above chance (10 %)."""
+    bundle, train, test = small_fmnist
+    model = copy.deepcopy(trained_resnet20)
+    strategy = EENet(model, make_context(model, bundle.input_shape, augment=bundle.augment))
+    budget = SamplesBudget(2560)
+    budget.bind(len(train))
+    strategy.fit(train, budget)
+    assert strategy.fit_info["warmup_samples"] == 1296  # 41 batches of 32 start before sample 1,280
+    trace = compute_trace(strategy, test, batch_size=100, device="cpu")
+    forced = trace.correct.double().mean(1)  # every sample forced to each exit
+    assert forced[0] > 0.2 and forced[1] > 0.25, forced.tolist()  # measured 0.28, 0.39 (single stage: 0.10, 0.12)
+    assert trace.preds[0].unique().numel() >= 5 and trace.preds[1].unique().numel() >= 5
+
+
 @pytest.fixture(scope="module")
 def fitted(trained_resnet20, small_fmnist):
     bundle, train, _ = small_fmnist
@@ -125,6 +183,9 @@ def fitted(trained_resnet20, small_fmnist):
 def test_training_spends_exactly_the_budget_and_moves_the_backbone(fitted) -> None:
     strategy, budget, before, _ = fitted
     assert budget.spend.samples == 70 and budget.spend.batches == 3
+    # two stages: batches that start before half the budget (35 samples) warm up with L_v0, the rest L_v2
+    assert strategy.fit_info == {"warmup_fraction": 0.5, "warmup_samples": 64, "lv2_samples": 6}
+    assert strategy.report().fit_info == strategy.fit_info
     per_sample = strategy.context.stage_costs.total + sum(strategy._exit_macs)
     assert budget.spend.training_macs == pytest.approx(70 * 3 * per_sample)
     after = strategy.backbone.state_dict()

@@ -15,13 +15,14 @@ from eebench.params import Params
 class EENetParams(Params):
     num_ee: int = Field(2, ge=1, le=64)
     distribution: Literal["pareto", "golden_ratio", "fine", "linear", "quadratic"] = "fine"
-    exit_type: Literal["plain", "pool", "bnpool"] = "pool"
+    exit_type: Literal["plain", "pool", "bnpool", "poolbn"] = "poolbn"
     lambda_coef: float = Field(1.0, ge=0)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     native_cost: bool = False
     from_scratch: bool = False
     schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_fraction: float = Field(0.5, ge=0, lt=1)
 
 
 @hookimpl
