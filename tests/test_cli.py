@@ -125,10 +125,13 @@ def test_interrupted_run_resumes_without_redoing_finished_cells(tmp_path) -> Non
     out, boards = tmp_path / "run", tmp_path / "boards"
     env = {**os.environ, "EEBENCH_CACHE": str(tmp_path / "cache")}
     command = [sys.executable, "-m", "eebench.cli", "run", path, "--out", str(out), "--leaderboards", str(boards)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell's background job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt:
+    # give the child the default disposition, as a terminal's Ctrl-C would find it
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     cells = out / "cells"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(cells.glob("*.json")):
+    while time.time() < deadline and not list(cells.glob("[!.]*.json")):  # not a result still being written
         time.sleep(0.1)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
