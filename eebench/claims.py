@@ -30,7 +30,7 @@ import eebench
 from eebench.errors import EebenchError
 from eebench.params import location
 from eebench.results import load_failures, load_results
-from eebench.suite import _suite_detail, parse_yaml
+from eebench.suite import _suite_detail, decode_yaml, parse_yaml
 
 HOLDS = "holds"
 FAILS = "does not hold"
@@ -215,13 +215,7 @@ def load_claims(path: str | Path) -> ClaimsFile:
     if len(data) > MAX_CLAIMS_BYTES:
         raise EebenchError(f"the file is {len(data):,} bytes; expected at most {MAX_CLAIMS_BYTES:,} bytes",
                            where=where, key="(file size)")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise EebenchError(f"byte 0x{data[exc.start]:02x} at offset {exc.start} is not UTF-8; expected UTF-8 YAML",
-                           where=where, key=f"line {line}") from exc
-    raw = parse_yaml(text, where, "a claims file")
+    raw = parse_yaml(decode_yaml(data, where), where, "a claims file")
     if not isinstance(raw, dict):
         raise EebenchError("expected a mapping with the key 'claims' (a list of claims)", where=where,
                            key="(top level)")

@@ -357,6 +357,11 @@ def _read_text(path: Path, where: str) -> str:
     if len(data) > MAX_SUITE_BYTES:
         raise EebenchError(f"the file is over {MAX_SUITE_BYTES:,} bytes; expected a suite of at most 1 MiB",
                            where=where, key="(file size)")
+    return decode_yaml(data, where)
+
+
+def decode_yaml(data: bytes, where: str) -> str:
+    """UTF-8 text (a BOM allowed) of a YAML file's bytes; a bad byte is one line naming its offset and line."""
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
