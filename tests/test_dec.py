@@ -20,6 +20,7 @@ from eebench_plugins.dec.backbone import dec_backbone
 from eebench_plugins.dec.clustering import ClusteringLayer, kl_divergence, kmeans, soft_assignment, target_distribution
 from eebench_plugins.dec.loop import Meter
 from eebench_plugins.dec.metrics import ari, cluster_accuracy, hungarian_mapping, nmi
+from eebench_plugins.dec.pretrain import pretrain
 from eebench_plugins.dec.recipes import PRESETS, resolve
 from eebench_plugins.dec.strategy import DECE2CM
 from eebench_plugins.dec.train import train_dec
@@ -91,6 +92,40 @@ def test_recipe_presets_and_overrides() -> None:
     assert PRESETS["paper"].tol == 0.001 and PRESETS["paper"].kmeans_n_init == 20
     with pytest.raises(ValueError, match="unknown DEC recipe"):
         resolve("fast", {})
+
+
+def test_quick_recipe_trains_the_smaller_decs_as_long_as_dec_large() -> None:
+    """The paper trains DEC_middle / DEC_small 'following the same procedure as DEC_large'."""
+    quick = PRESETS["quick"]
+    assert quick.head_pretrain == quick.pretrain_iterations and quick.head_finetune == quick.finetune_iterations
+    paper = PRESETS["paper"]  # the KL stage keeps the paper's rules; only its cap is the preset's
+    assert (quick.dec_lr, quick.update_interval, quick.tol) == (paper.dec_lr, paper.update_interval, paper.tol)
+
+
+def test_pretraining_without_fine_tuning_stops_after_the_layerwise_phases() -> None:
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randn(64, 8, generator=generator)
+    encoders = [torch.nn.Linear(8, 6), torch.nn.Linear(6, 3)]
+    budget = SamplesBudget(10**9)
+    logs = pretrain(encoders, data, layerwise_iterations=5, finetune_iterations=0,
+                    recipe=resolve("quick", {"batch_size": 16}), generator=generator, meter=Meter(budget))
+    assert [(log.name, log.iterations) for log in logs] == [("sae layer 1", 5), ("sae layer 2", 5),
+                                                            ("sae fine-tuning", 0)]
+    assert budget.spend.samples == 2 * 5 * 16  # fine-tuning drew (and charged) no batch
+
+
+def test_the_shipped_suite_picks_its_training_images_without_labels() -> None:
+    from pathlib import Path
+
+    from eebench.datasets import seeded_subset_indices
+    from eebench.suite import load_suite
+
+    suite = load_suite(Path(__file__).parents[1] / "suites" / "unsupervised_dec.yaml")
+    assert all(d.per_class is None for d in suite.datasets)
+    # train_subset (the label-free way to shrink it) depends on the number of labels only, not their values
+    labels = torch.arange(100) % 10
+    assert torch.equal(seeded_subset_indices(labels, seed=3, total=30),
+                       seeded_subset_indices(torch.zeros(100, dtype=torch.long), seed=3, total=30))
 
 
 # ---------------------------------------------------------------- KL training rules
