@@ -98,8 +98,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     device = _device(args.device)
     settings = _executor_settings(args)
     executor = make_executor(settings, device, run_dir, suite.name)
+    threads = torch.get_num_threads()
     if executor is None and settings.threads:
-        torch.set_num_threads(settings.threads)
+        torch.set_num_threads(settings.threads)  # a serial run's --threads, until the command ends
     log = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
     try:
         # held across the run and the leaderboard: a second run waits (--wait) or refuses, never interleaves
@@ -112,6 +113,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"eebench: interrupted: finished cells are kept in {run_dir}/cells; "
               "rerun the same command to resume", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        torch.set_num_threads(threads)  # main() called in-process (tests, notebooks) leaves torch as it was
     failed = f", {len(report.failed)} failed" if report.failed else ""
     print(f"{len(report.done)} cells run, {len(report.skipped)} reused{failed}, {report.seconds:.1f}s; "
           f"results in {run_dir}/cells; leaderboard {path}")

@@ -1,11 +1,12 @@
-"""Runs a suite: cells in order, finished ones skipped, each result written at once.
+"""Runs a suite: cells group by group (``eebench.groups``), finished ones skipped, each result
+written at once; here in this process, or fanned out over an executor (``eebench.fanout``).
 
 Each cell runs in isolation: an exception inside a method's cell (its construction, fit,
 outputs, calibration) is recorded as a failed-cell file naming the error and the plugin
 and package that raised it, and the run goes on with the other cells. Bad input of the
 suite itself (an ``EebenchError`` while a dataset, base backbone or plugin is prepared from
 the suite's values, before any of the cell's work) stops the run, as ``validate`` would.
-KeyboardInterrupt always stops it. One run at a time holds a run directory (``RUN_DIR/.lock``).
+KeyboardInterrupt always stops it. One run at a time holds a run directory (``eebench.lock``).
 """
 
 from __future__ import annotations

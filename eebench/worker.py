@@ -11,7 +11,6 @@ that restarts resumes from it, and a retried task skips what an earlier attempt 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,6 @@ class GroupOutcome:
     skipped: list[str] = field(default_factory=list)
     unsaved: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
-    seconds: float = 0.0
 
 
 def run_group(task: GroupTask) -> GroupOutcome:
@@ -60,7 +58,6 @@ def run_group(task: GroupTask) -> GroupOutcome:
     set_quiet(True)  # per-epoch progress of parallel workers would interleave into noise
     if task.threads:
         torch.set_num_threads(task.threads)
-    start = time.perf_counter()
     registry = default_registry()
     device = torch.device(task.device)
     run_dir = Path(task.run_dir)
@@ -77,5 +74,4 @@ def run_group(task: GroupTask) -> GroupOutcome:
         outcome.error = str(exc)
     outcome.done, outcome.failed, outcome.skipped = report.done, report.failed, report.skipped
     outcome.unsaved = report.unsaved
-    outcome.seconds = time.perf_counter() - start
     return outcome

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from eebench.cli import main
@@ -66,10 +67,12 @@ def serial(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> tuple[str, 
     """The two-seed smoke suite run in this process at one torch thread: the numbers to match."""
     out = tmp_path_factory.mktemp("serial")
     suite = two_seed_smoke(out)
+    threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EEBENCH_CACHE", str(cache))
         assert main(["run", suite, "--out", str(out / "run"), "--leaderboards", str(out / "boards"),
                      "--threads", "1"]) == 0
+    assert torch.get_num_threads() == threads  # --threads lasts the command: later runs here keep their numbers
     return suite, out / "run"
 
 
