@@ -81,7 +81,7 @@ def test_shipped_claims_file_declares_the_five_paper_claims() -> None:
     kinds = {c.id: (c.check.kind, c.suites) for c in claims.claims}
     assert kinds == {
         "e2cm-one-epoch": ("beats", ["fixed_budget_1epoch"]),
-        "e2cm-sdn-six-epochs": ("beats", ["fixed_budget_6epochs"]),
+        "e2cm-sdn-six-epochs": ("beats", ["fixed_budget_6epochs", "fixed_budget_6epochs_resnet56"]),
         "eenet-keeps-accuracy": ("keeps", ["fixed_budget_1epoch", "fixed_budget_6epochs"]),
         "class-exclusion-saves": ("saves", ["fixed_budget_1epoch"]),
         "e2cm-dec-saves": ("saves", ["unsupervised_dec"]),

@@ -187,7 +187,7 @@ def test_unknown_device_is_one_line_and_code_2(tmp_path, capsys) -> None:
 SUITES = Path(__file__).resolve().parents[1] / "suites"
 
 
-@pytest.mark.parametrize("suite", sorted(p.name for p in SUITES.glob("*.yaml")))
+@pytest.mark.parametrize("suite", sorted(str(p.relative_to(SUITES)) for p in SUITES.rglob("*.yaml")))  # + paper/
 def test_every_shipped_suite_validates(suite, capsys) -> None:
     path = SUITES / suite
     assert main(["validate", str(path)]) == 0
