@@ -100,11 +100,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         bench_run(run_dir, registry, device, settings, settings.targets or suite.targets,
                   only=lambda r: r["cell_id"] in cell_ids and (r.get("latency") or {}).get("settings")
                   != settings.model_dump(), log=lambda line: console.print(line, markup=False, highlight=False))
-    inputs = [suite.name, suite.targets, suite.description, command, suite.notes, sorted(cell_ids)]
+    inputs = [suite.name, suite.targets, suite.description, command, suite.notes, sorted(cell_ids), suite.reference,
+              suite.ztw_columns]
     path = None if report.unsaved else unchanged_board(run_dir, board_dir, suite.name, inputs)
     if path is None:  # something changed since this run directory's leaderboard was drawn: draw it again
         path = render(run_dir, board_dir, suite.name, suite.targets, suite.description, command, suite.notes,
-                      cell_ids=cell_ids, extra=list(report.unsaved.values()))
+                      cell_ids=cell_ids, extra=list(report.unsaved.values()), reference=suite.reference,
+                      ztw_columns=suite.ztw_columns)
         if not report.unsaved:
             record_board(run_dir, board_dir, suite.name, inputs, path)
     failed = f", {len(report.failed)} failed" if report.failed else ""
@@ -130,7 +132,21 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         raise EebenchError("no cells/ folder; expected a run directory written by 'eebench run'",
                            where=str(run_dir), key="RUN_DIR")
     check_writable(Path(args.leaderboards), "--leaderboards")
-    path = render(run_dir, Path(args.leaderboards), command=f"eebench leaderboard {args.run_dir}")
+    from eebench.runner import read_run_suite
+
+    suite, _ = read_run_suite(run_dir)  # the reference and ZTW columns of the suite last run there, if any
+    if args.reference:
+        from eebench.results import load_results
+
+        labels = sorted({r["method"] for r in load_results(run_dir)})
+        if args.reference not in labels:
+            raise EebenchError(f"no result of a method labelled '{args.reference}'; expected one of "
+                               f"{', '.join(labels) or '(no results)'}", where=str(run_dir), key="--reference")
+    reference = args.reference or (suite.reference if suite else None)
+    ztw = args.ztw or bool(suite and suite.ztw_columns)
+    command = f"eebench leaderboard {args.run_dir}" + (f" --reference {args.reference}" if args.reference else "") \
+        + (" --ztw" if args.ztw else "")
+    path = render(run_dir, Path(args.leaderboards), command=command, reference=reference, ztw_columns=ztw)
     print(path)
     return 0
 
@@ -197,7 +213,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bench_command = f"eebench bench {args.run_dir}{options}"
     command = f"eebench run {suite_path} && {bench_command}" if suite else bench_command
     path = render(run_dir, board_dir, suite.name if suite else None, suite.targets if suite else None,
-                  suite.description if suite else "", command, suite.notes if suite else None, cell_ids=ids)
+                  suite.description if suite else "", command, suite.notes if suite else None, cell_ids=ids,
+                  reference=suite.reference if suite else None, ztw_columns=bool(suite and suite.ztw_columns))
     print(f"{len(timed)} cells timed; results in {run_dir}/cells; leaderboard {path}")
     return 0
 
@@ -230,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     board = sub.add_parser("leaderboard", parents=[common], help="regenerate a leaderboard from a run directory")
     board.add_argument("run_dir")
     board.add_argument("--leaderboards", default="leaderboards")
+    board.add_argument("--reference", help="method label to show paired differences against (default: the suite's)")
+    board.add_argument("--ztw", action="store_true",
+                       help="add accuracy at 25/50/75/100%% of the base cost (default: the suite's ztw_columns)")
     board.set_defaults(func=cmd_leaderboard)
     bench = sub.add_parser("bench", parents=[common],
                            help="time each finished cell's early-exit network (batch 1, batched) next to its MACs")

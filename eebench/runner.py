@@ -38,7 +38,9 @@ from eebench.memory import trim_heap
 from eebench.model import StagedBackbone
 from eebench.plugins import KIND_LABELS, Registry
 from eebench.policy import operating_point
+from eebench.provenance import environment
 from eebench.results import FAILED, SCHEMA_VERSION, CellResult, finished, save_cell, write_atomic
+from eebench.samples import outcome_block
 from eebench.strategy import ExitStrategy, MethodContext, MethodReport, OperatingPoint
 from eebench.suite import BackboneSpec, Cell, DatasetSpec, Suite, expand
 from eebench.trace import ExitAccuracy, ExitOutputError, ExitTrace, compute_traces, exit_accuracy, thresholds_to_json
@@ -320,13 +322,14 @@ class Runner:
         curve_metrics = _curve_metrics(metrics, test_traces, curve.thresholds, curve.variants)
         if curve_metrics:
             curve_dict["test"]["metrics"] = curve_metrics
-        accuracy_at = phi_points(curve, calibration_traces, test_traces, exit_costs, self.suite.targets,
+        accuracy_at = phi_points(curve, calibration_traces, test_traces, exit_costs, self.suite.computed_targets,
                                  cell.seed, metrics if curve_metrics else None)
+        outcomes = outcome_block(curve, test_traces, exit_costs, self.suite.computed_targets, cell.seed)
         work.phases["calibrate"] = time.perf_counter() - tick
         return Calibrated(report, exit_costs, curve, curve_dict, accuracy_at, operating_points,
                           {"test_accuracy": float(no_exit.accuracy[0]), "test_cost": float(no_exit.cost[0]),
                            **({"metrics": no_exit_metrics} if no_exit_metrics else {})},
-                          exit_accuracy(test_trace))
+                          exit_accuracy(test_trace), outcomes)
 
     def _assemble(self, work: CellWork, done: Calibrated) -> dict[str, Any]:
         """The cell's result (``CellResult``, schema ``SCHEMA_VERSION``) as a JSON-ready dict."""
@@ -364,6 +367,7 @@ class Runner:
                 "base_backbone": {"key": base_info.key, "source": base_info.source,
                                   "train_seconds": round(base_info.train_seconds, 2),
                                   "train_samples": base_info.train_samples},
+                **environment(self.registry, self.device),  # git, plugin packages, libraries, CPU, GPU
             },
             sizes={"train": len(splits.train), "calibration": len(splits.calibration), "test": len(splits.test)},
             backbone_macs=work.stage_costs.total,
@@ -380,6 +384,7 @@ class Runner:
             no_exit=done.no_exit,
             operating_points=done.operating_points,
             fit_info=done.report.fit_info,
+            test_outcomes=done.test_outcomes,
         )
         return result.to_json_dict()
 
@@ -413,6 +418,7 @@ class Calibrated:
     operating_points: list[dict[str, Any]]
     no_exit: dict[str, Any]
     exit_accuracy: ExitAccuracy
+    test_outcomes: dict[str, Any] | None = None  # per-sample correctness (eebench.samples)
 
 
 Metrics = Callable[[torch.Tensor, torch.Tensor], dict[str, list[float]]]
@@ -642,7 +648,8 @@ def run_suite(suite: Suite, registry: Registry, *, suite_path: str, run_dir: Pat
                            where=suite_path, key="--only")
     with run_lock(run_dir):
         _write_run_suite(run_dir, suite, suite_path)
-        todo = [c for c in cells if not finished(run_dir, c.cell_id, c.config_hash, str(device))]
+        todo = [c for c in cells if not finished(run_dir, c.cell_id, c.config_hash, str(device),
+                                                 suite.computed_targets)]
         _check_cache(todo)
         return _run_cells(suite, registry, cells, suite_path=suite_path, run_dir=run_dir, device=device, log=log,
                           share_activations=share_activations)
@@ -664,7 +671,8 @@ def _declare_frozen_products(runner: Runner, registry: Registry, cells: list[Cel
 def _run_cells(suite: Suite, registry: Registry, cells: list[Cell], *, suite_path: str, run_dir: Path,
                device: torch.device, log: Callable[[str], None], share_activations: bool) -> RunReport:
     runner = Runner(suite, registry, suite_path=suite_path, device=device, share_activations=share_activations)
-    pending = [c for c in cells if not finished(run_dir, c.cell_id, c.config_hash, str(device))]
+    pending = [c for c in cells if not finished(run_dir, c.cell_id, c.config_hash, str(device),
+                                                suite.computed_targets)]
     _declare_frozen_products(runner, registry, pending)
     todo = {c.cell_id for c in pending}  # read once: the run lock keeps other runs out
     report = RunReport(run_dir)
