@@ -1,4 +1,4 @@
-"""The ``eebench`` command: run, validate, plugins, leaderboard, bench, claims.
+"""The ``eebench`` command: run, validate, plugins, leaderboard, export, bench, claims.
 
 Exit codes: 0 everything done; 2 bad input (one line naming the file, the key and what was
 expected, no traceback unless ``--debug``), Ctrl-C, or another run holding the run directory;
@@ -151,6 +151,16 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from eebench.export import run_table, write_table  # pandas, no torch
+
+    run_dir = Path(args.run_dir)
+    frame = run_table(run_dir)
+    path = write_table(frame, Path(args.out) if args.out else run_dir / f"export.{args.format}", args.format)
+    print(f"{len(frame)} rows ({frame['cell_id'].nunique()} cells × φ) written to {path}")
+    return 0
+
+
 def cmd_claims(args: argparse.Namespace) -> int:
     from eebench.claims import FAILS, HOLDS, UNMEASURED, write_report  # pydantic and PyYAML only: no torch
 
@@ -251,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--ztw", action="store_true",
                        help="add accuracy at 25/50/75/100%% of the base cost (default: the suite's ztw_columns)")
     board.set_defaults(func=cmd_leaderboard)
+    export = sub.add_parser("export", parents=[common],
+                            help="write a run directory's results as one tidy table (one row per cell × φ)")
+    export.add_argument("run_dir")
+    export.add_argument("--format", choices=("csv", "parquet", "json"), default="csv", help="default csv")
+    export.add_argument("--out", help="output file (default RUN_DIR/export.<format>)")
+    export.set_defaults(func=cmd_export)
     bench = sub.add_parser("bench", parents=[common],
                            help="time each finished cell's early-exit network (batch 1, batched) next to its MACs")
     bench.add_argument("run_dir")
