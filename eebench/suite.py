@@ -11,7 +11,8 @@ was expected):
   a recursive alias, and aliases that expand to more than ``MAX_YAML_NODES`` nodes (each use
   of an alias counts its whole subtree: a "billion laughs" file is refused at load time);
 * NaN and infinite numbers anywhere (targets, recipes, params), seeds outside
-  ``[0, SEED_MAX]``, counts above ``MAX_COUNT``;
+  ``[0, SEED_MAX]`` or listed twice, counts above ``MAX_COUNT``, a ``reference`` that is not one
+  of the suite's method labels;
 * names that become file names: the suite ``name``, plugin names and ``label``s longer than
   ``MAX_NAME_BYTES`` or holding control characters or line breaks, a cell id (hence a cell
   file name) over ``MAX_CELL_ID_BYTES``, two entries that map to the same file name, and more
