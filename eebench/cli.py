@@ -1,4 +1,4 @@
-"""The ``eebench`` command: run, validate, plugins, leaderboard, bench, claims.
+"""The ``eebench`` command: run, validate, plugins, leaderboard, export, bench, claims.
 
 Exit codes: 0 everything done; 2 bad input (one line naming the file, the key and what was
 expected, no traceback unless ``--debug``), Ctrl-C, another run holding the run directory, or a
@@ -153,11 +153,13 @@ def _render_run(args: argparse.Namespace, suite: Suite, registry: Registry, run_
         bench_run(run_dir, registry, device, settings, settings.targets or suite.targets,
                   only=lambda r: r["cell_id"] in cell_ids and (r.get("latency") or {}).get("settings")
                   != settings.model_dump(), log=log)
-    inputs = [suite.name, suite.targets, suite.description, command, suite.notes, sorted(cell_ids)]
+    inputs = [suite.name, suite.targets, suite.description, command, suite.notes, sorted(cell_ids), suite.reference,
+              suite.ztw_columns]
     path = None if report.unsaved else unchanged_board(run_dir, board_dir, suite.name, inputs)
     if path is None:  # something changed since this run directory's leaderboard was drawn: draw it again
         path = render(run_dir, board_dir, suite.name, suite.targets, suite.description, command, suite.notes,
-                      cell_ids=cell_ids, extra=list(report.unsaved.values()))
+                      cell_ids=cell_ids, extra=list(report.unsaved.values()), reference=suite.reference,
+                      ztw_columns=suite.ztw_columns)
         if not report.unsaved:
             record_board(run_dir, board_dir, suite.name, inputs, path)
     return path
@@ -172,8 +174,32 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         raise EebenchError("no cells/ folder; expected a run directory written by 'eebench run'",
                            where=str(run_dir), key="RUN_DIR")
     check_writable(Path(args.leaderboards), "--leaderboards")
-    path = render(run_dir, Path(args.leaderboards), command=f"eebench leaderboard {args.run_dir}")
+    from eebench.runner import read_run_suite
+
+    suite, _ = read_run_suite(run_dir)  # the reference and ZTW columns of the suite last run there, if any
+    if args.reference:
+        from eebench.results import load_results
+
+        labels = sorted({r["method"] for r in load_results(run_dir)})
+        if args.reference not in labels:
+            raise EebenchError(f"no result of a method labelled '{args.reference}'; expected one of "
+                               f"{', '.join(labels) or '(no results)'}", where=str(run_dir), key="--reference")
+    reference = args.reference or (suite.reference if suite else None)
+    ztw = args.ztw or bool(suite and suite.ztw_columns)
+    command = f"eebench leaderboard {args.run_dir}" + (f" --reference {args.reference}" if args.reference else "") \
+        + (" --ztw" if args.ztw else "")
+    path = render(run_dir, Path(args.leaderboards), command=command, reference=reference, ztw_columns=ztw)
     print(path)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from eebench.export import run_table, write_table  # pandas, no torch
+
+    run_dir = Path(args.run_dir)
+    frame = run_table(run_dir)
+    path = write_table(frame, Path(args.out) if args.out else run_dir / f"export.{args.format}", args.format)
+    print(f"{len(frame)} rows ({frame['cell_id'].nunique()} cells × φ) written to {path}")
     return 0
 
 
@@ -239,7 +265,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bench_command = f"eebench bench {args.run_dir}{options}"
     command = f"eebench run {suite_path} && {bench_command}" if suite else bench_command
     path = render(run_dir, board_dir, suite.name if suite else None, suite.targets if suite else None,
-                  suite.description if suite else "", command, suite.notes if suite else None, cell_ids=ids)
+                  suite.description if suite else "", command, suite.notes if suite else None, cell_ids=ids,
+                  reference=suite.reference if suite else None, ztw_columns=bool(suite and suite.ztw_columns))
     print(f"{len(timed)} cells timed; results in {run_dir}/cells; leaderboard {path}")
     return 0
 
@@ -298,7 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
     board = sub.add_parser("leaderboard", parents=[common], help="regenerate a leaderboard from a run directory")
     board.add_argument("run_dir")
     board.add_argument("--leaderboards", default="leaderboards")
+    board.add_argument("--reference", help="method label to show paired differences against (default: the suite's)")
+    board.add_argument("--ztw", action="store_true",
+                       help="add accuracy at 25/50/75/100%% of the base cost (default: the suite's ztw_columns)")
     board.set_defaults(func=cmd_leaderboard)
+    export = sub.add_parser("export", parents=[common],
+                            help="write a run directory's results as one tidy table (one row per cell × φ)")
+    export.add_argument("run_dir")
+    export.add_argument("--format", choices=("csv", "parquet", "json"), default="csv", help="default csv")
+    export.add_argument("--out", help="output file (default RUN_DIR/export.<format>)")
+    export.set_defaults(func=cmd_export)
     bench = sub.add_parser("bench", parents=[common],
                            help="time each finished cell's early-exit network (batch 1, batched) next to its MACs")
     bench.add_argument("run_dir")

@@ -39,7 +39,9 @@ from eebench.memory import trim_heap
 from eebench.model import StagedBackbone
 from eebench.plugins import KIND_LABELS, Registry
 from eebench.policy import operating_point
+from eebench.provenance import environment
 from eebench.results import FAILED, SCHEMA_VERSION, CellResult, finished, save_cell, write_atomic
+from eebench.samples import outcome_block
 from eebench.strategy import ExitStrategy, MethodContext, MethodReport, OperatingPoint
 from eebench.suite import BackboneSpec, Cell, DatasetSpec, Suite, expand
 from eebench.trace import ExitAccuracy, ExitOutputError, ExitTrace, compute_traces, exit_accuracy, thresholds_to_json
@@ -324,13 +326,14 @@ class Runner:
         curve_metrics = _curve_metrics(metrics, test_traces, curve.thresholds, curve.variants)
         if curve_metrics:
             curve_dict["test"]["metrics"] = curve_metrics
-        accuracy_at = phi_points(curve, calibration_traces, test_traces, exit_costs, self.suite.targets,
+        accuracy_at = phi_points(curve, calibration_traces, test_traces, exit_costs, self.suite.computed_targets,
                                  cell.seed, metrics if curve_metrics else None)
+        outcomes = outcome_block(curve, test_traces, exit_costs, self.suite.computed_targets, cell.seed)
         work.phases["calibrate"] = time.perf_counter() - tick
         return Calibrated(report, exit_costs, curve, curve_dict, accuracy_at, operating_points,
                           {"test_accuracy": float(no_exit.accuracy[0]), "test_cost": float(no_exit.cost[0]),
                            **({"metrics": no_exit_metrics} if no_exit_metrics else {})},
-                          exit_accuracy(test_trace))
+                          exit_accuracy(test_trace), outcomes)
 
     def _assemble(self, work: CellWork, done: Calibrated) -> dict[str, Any]:
         """The cell's result (``CellResult``, schema ``SCHEMA_VERSION``) as a JSON-ready dict."""
@@ -368,6 +371,7 @@ class Runner:
                 "base_backbone": {"key": base_info.key, "source": base_info.source,
                                   "train_seconds": round(base_info.train_seconds, 2),
                                   "train_samples": base_info.train_samples},
+                **environment(self.registry, self.device),  # git, plugin packages, libraries, CPU, GPU
             },
             sizes={"train": len(splits.train), "calibration": len(splits.calibration), "test": len(splits.test)},
             backbone_macs=work.stage_costs.total,
@@ -384,6 +388,7 @@ class Runner:
             no_exit=done.no_exit,
             operating_points=done.operating_points,
             fit_info=done.report.fit_info,
+            test_outcomes=done.test_outcomes,
         )
         return result.to_json_dict()
 
@@ -417,6 +422,7 @@ class Calibrated:
     operating_points: list[dict[str, Any]]
     no_exit: dict[str, Any]
     exit_accuracy: ExitAccuracy
+    test_outcomes: dict[str, Any] | None = None  # per-sample correctness (eebench.samples)
 
 
 Metrics = Callable[[torch.Tensor, torch.Tensor], dict[str, list[float]]]
@@ -636,7 +642,8 @@ def run_suite(suite: Suite, registry: Registry, *, suite_path: str, run_dir: Pat
     groups = group_cells(cells)
     with run_lock(run_dir, wait=wait):
         _write_run_suite(run_dir, suite, suite_path)
-        pending = {c.cell_id for c in cells if not finished(run_dir, c.cell_id, c.config_hash, str(device))}
+        pending = {c.cell_id for c in cells if not finished(run_dir, c.cell_id, c.config_hash, str(device),
+                                                           suite.computed_targets)}
         plan = RunPlan(suite, suite_path, run_dir, device, groups, pending, len(cells), share_activations)
         _check_cache(plan.pending_cells())
         if executor is None:
@@ -691,7 +698,7 @@ def run_cells(runner: Runner, registry: Registry, plan: RunPlan, group: CellGrou
     suite, run_dir, device, total = plan.suite, plan.run_dir, plan.device, plan.total
     for position, cell in group.cells:
         if cell.cell_id not in plan.pending or (
-                recheck and finished(run_dir, cell.cell_id, cell.config_hash, str(device))):
+                recheck and finished(run_dir, cell.cell_id, cell.config_hash, str(device), suite.computed_targets)):
             report.skipped.append(cell.cell_id)
             log(f"[{position}/{total}] {cell.cell_id}: already done, skipped")
             continue

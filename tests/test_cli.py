@@ -128,7 +128,7 @@ def test_interrupted_run_resumes_without_redoing_finished_cells(tmp_path) -> Non
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     cells = out / "cells"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(cells.glob("*.json")):
+    while time.time() < deadline and not list(cells.glob("[!.]*.json")):  # not a result still being written
         time.sleep(0.1)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
