@@ -17,8 +17,6 @@ time per sample by the policy's at the same batch size, in the same process, min
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +29,7 @@ from eebench.errors import EebenchError
 from eebench.inference import EarlyExitNetwork, ExitPolicy, load_state
 from eebench.passes import iterate_batches
 from eebench.plugins import Registry
+from eebench.provenance import cpu
 from eebench.results import FAILED, RESULT_KEYS, cell_path, write_atomic
 from eebench.strategy import ExitStrategy
 from eebench.suite import BackboneSpec, DatasetSpec, LatencySpec, MethodSpec, PluginRef, Suite, expand
@@ -38,15 +37,8 @@ from eebench.suite import BackboneSpec, DatasetSpec, LatencySpec, MethodSpec, Pl
 
 def hardware(device: torch.device) -> dict[str, Any]:
     """What the timings ran on: CPU model, cores, threads, torch build, GPU name."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {"device": str(device), "cpu": cpu, "cores": os.cpu_count(),
+    machine = cpu()
+    info: dict[str, Any] = {"device": str(device), "cpu": machine["model"], "cores": machine["cores"],
                             "threads": torch.get_num_threads(), "torch": torch.__version__}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

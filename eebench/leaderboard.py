@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import eebench
 from eebench.errors import EebenchError
+from eebench.provenance import summary
 from eebench.results import COLLAPSE_FACTOR, is_failure, load_failures, load_results
+from eebench.suite import ZTW_TARGETS
 
 PHI_RULE = (
     "Accuracy at φ is chosen on the **calibration** split alone and evaluated on test: on the upper convex "
@@ -22,6 +26,14 @@ PHI_RULE = (
     "stay in the result JSON (`accuracy_at[φ].corner`) for comparison. The hull end is the most accurate "
     "calibration vertex, evaluated on test."
 )
+INTERVAL_RULE = (
+    "± is the half-width of a 95 % confidence interval and n the number of seeds: with n ≥ 2, the Student-t "
+    "interval of the mean over seeds (each seed redraws the subsets, retrains the base backbone and refits the "
+    "method); with n = 1, a percentile bootstrap over test samples (10,000 resamples), which covers the test "
+    "split's sampling noise only. Paired differences against the suite's reference method pair each seed with "
+    "the reference's result of the same seed on the same base backbone (Student-t over the seeds' differences; "
+    "one seed: a paired bootstrap over test samples); **bold**: the interval excludes 0."
+)
 COST_RULE = (
     "Costs are MACs (one multiply-add = 1; FLOPs ≈ 2 × MACs): fvcore counts at batch 1 for the backbone's "
     "stages and every exit made of modules, and one table of MAC-equivalents in the core (`eebench.costs`) "
@@ -31,12 +43,25 @@ COST_RULE = (
 )
 
 
-def _fmt(values: list[float]) -> str:
+def _fmt_interval(interval: Any, scale: float = 100.0, unit: str = "%", digits: int = 1, sign: str = "") -> str:
+    """``mean ± half-width`` of an ``eebench.stats.Interval`` ("—" for a missing mean; the mean alone
+    when there is no interval)."""
+    if math.isnan(interval.mean):
+        return "—"
+    mean = f"{scale * interval.mean:{sign}.{digits}f}"
+    if interval.half_width is None:
+        return f"{mean}{unit}"
+    return f"{mean} ± {scale * interval.half_width:.{digits}f}{unit}"
+
+
+def _fmt(values: list[float], samples: list[int] | None = None) -> str:
+    """Accuracies over seeds as mean ± 95 % CI (Student-t over seeds; one seed: bootstrap over its ``samples``
+    test samples, when given)."""
+    from eebench.stats import mean_interval
+
     if not values:
         return "—"
-    if len(values) == 1:
-        return f"{100 * values[0]:.1f}%"
-    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}%"
+    return _fmt_interval(mean_interval(values, samples))
 
 
 def slug(text: str) -> str:
@@ -147,13 +172,15 @@ def _failed_row(label: str, failures: list[dict[str, Any]], columns: list[float]
 def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
            targets: list[float] | None = None, description: str = "", command: str = "",
            suite_notes: list[str] | None = None, cell_ids: set[str] | None = None,
-           extra: list[dict[str, Any]] | None = None) -> Path:
+           extra: list[dict[str, Any]] | None = None, reference: str | None = None,
+           ztw_columns: bool = False) -> Path:
     """Write ``<leaderboard_dir>/<suite>.md`` and its figures; returns the markdown path.
 
     ``cell_ids`` limits the board to one suite's cells (``eebench run``); without it every newest
     result in the run directory is shown (``eebench leaderboard``). ``extra``: results of this run that
     could not be written (kept in memory), shown as if read from the run directory. Failed cells get a
-    "failed" row naming the error and the plugin that raised it."""
+    "failed" row naming the error and the plugin that raised it. ``reference``: the method label paired
+    differences are shown against; ``ztw_columns``: add the accuracy at 25/50/75/100 % of the base cost."""
     results = load_results(run_dir, cell_ids)
     failures = load_failures(run_dir, cell_ids)
     if extra:
@@ -166,7 +193,8 @@ def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
         raise EebenchError("no readable cell results; expected JSON files written by 'eebench run'",
                            where=str(run_dir / "cells"), key="RUN_DIR")
     try:
-        return _render(results, failures, leaderboard_dir, suite_name, targets, description, command, suite_notes)
+        return _render(results, failures, leaderboard_dir, suite_name, targets, description, command, suite_notes,
+                       reference, ztw_columns)
     except OSError as exc:
         raise EebenchError(f"cannot write the leaderboard ({exc.strerror or exc}) at {exc.filename or leaderboard_dir}"
                            "; expected a writable directory", where=str(leaderboard_dir), key="--leaderboards") \
@@ -175,12 +203,13 @@ def render(run_dir: Path, leaderboard_dir: Path, suite_name: str | None = None,
 
 def _render(results: list[dict[str, Any]], failures: list[dict[str, Any]], leaderboard_dir: Path,
             suite_name: str | None, targets: list[float] | None, description: str, command: str,
-            suite_notes: list[str] | None) -> Path:
+            suite_notes: list[str] | None, reference: str | None = None, ztw_columns: bool = False) -> Path:
     suite_name = suite_name or (results or failures)[0]["suite"]
     targets = targets or sorted({float(t) for r in results for t in r["accuracy_at"]}) or [1.0]
     many_budgets = len({r["budget"]["label"] for r in [*results, *failures]}) > 1
     columns = [*targets, 1.0] if 1.0 not in targets else targets
     first = (results or failures)[0]["provenance"]
+    intervals = _intervals(results, sorted({*columns, *(ZTW_TARGETS if ztw_columns else ())}), reference)
     lines = [
         f"# Leaderboard: {suite_name}",
         "",
@@ -202,7 +231,9 @@ def _render(results: list[dict[str, Any]], failures: list[dict[str, Any]], leade
         base_acc = [a for a in {r["seed"]: r["backbone_test_accuracy"] for r in group}.values()  # one per seed
                     if a is not None]
         seeds = sorted({r["seed"] for r in group})
-        plain = (f"{_fmt(base_acc)} test accuracy" if base_acc else
+        base_sizes = [r["sizes"]["test"] for r in {r["seed"]: r for r in group}.values()
+                      if r["backbone_test_accuracy"] is not None]
+        plain = (f"{_fmt(base_acc, base_sizes)} test accuracy" if base_acc else
                  "not trained by eebench (recipe epochs 0: the method trains it)")
         lines += [
             f"## {dataset} · {backbone}",
@@ -212,30 +243,36 @@ def _render(results: list[dict[str, Any]], failures: list[dict[str, Any]], leade
             f"{group[0]['sizes']['calibration']:,}/{group[0]['sizes']['test']:,}; "
             f"calibration on the {group[0]['calibration_split']}.",
             "",
-            "| method | " + " | ".join(f"φ={t:.2f}" for t in columns) + " | hull end: acc (cost) | training spend |",
-            "|---" * (len(columns) + 3) + "|",
+            _interval_line(group),
+            "",
+            "| method | " + " | ".join(f"φ={t:.2f}" for t in columns)
+            + " | hull end: acc (cost) | training spend | n |",
+            "|---" * (len(columns) + 4) + "|",
         ]
         for label, rows in _group(group, lambda r: _row_label(r, many_budgets)).items():
-            cells = []
-            for t in columns:
-                values = [_accuracy_at(r, t) for r in rows]
-                cells.append("—" if None in values else _fmt(values))
+            cells = [_fmt_interval(intervals.at("accuracy", rows[0], t)) for t in columns]
             end = [r["hull_end"] for r in rows]
             end_cost = statistics.mean(e["test_cost"] for e in end)
             flag = " ⚠" if _collapsed(rows) else ""
+            end_accuracy = _fmt([e["test_accuracy"] for e in end], [r["sizes"]["test"] for r in rows])
             lines.append(f"| {label}{flag} | " + " | ".join(cells)
-                         + f" | {_fmt([e['test_accuracy'] for e in end])} ({end_cost:.2f}) | {_spend(rows)} |")
+                         + f" | {end_accuracy} ({end_cost:.2f}) | {_spend(rows)} | {len(rows)} |")
         for label, rows in _group(failed_groups.get((dataset, backbone), []),
                                   lambda r: _row_label(r, many_budgets)).items():
             lines.append(_failed_row(label, rows, columns))
         if base_acc:
-            lines.append("| backbone (no early exit) | " + " | ".join(
-                _fmt(base_acc) if t >= 1.0 else "—" for t in columns) + f" | {_fmt(base_acc)} (1.00) | base recipe |")
+            base = _fmt(base_acc, base_sizes)
+            lines.append("| backbone (no early exit) | " + " | ".join(base if t >= 1.0 else "—" for t in columns)
+                         + f" | {base} (1.00) | base recipe | {len(base_acc)} |")
         if any(_collapsed(rows) for rows in _group(group, lambda r: _row_label(r, many_budgets)).values()):
             lines += ["", f"⚠ an exit of this method collapsed: on its own it predicts at most {COLLAPSE_FACTOR:g} × "
                           "chance (see \"Each exit on its own\"), so its numbers measure a broken classifier, not the "
                           "method."]
         lines += _test_cost_table(group, many_budgets, columns)
+        if ztw_columns:
+            lines += _ztw_table(group, many_budgets, intervals, base_acc, base_sizes)
+        if reference is not None:
+            lines += _paired_table(group, many_budgets, columns, intervals, reference)
         lines += _metrics_table(group, many_budgets, columns)
         figure = leaderboard_dir / slug(suite_name) / f"{slug(dataset)}-{slug(backbone)}.png"
         plot_curves(group, targets, figure, f"{dataset} · {backbone}", many_budgets)
@@ -250,22 +287,103 @@ def _render(results: list[dict[str, Any]], failures: list[dict[str, Any]], leade
                   f"{len(failures)} cell(s) raised an error; each is recorded in its cell file (with the traceback) "
                   "and computed again by the next `eebench run`:", ""]
         lines += [f"- `{f['cell_id']}`: {_failure_text(f)}" for f in failures] + [""]
-    lines += ["## Notes", "", f"- {PHI_RULE}", f"- {COST_RULE}"]
+    lines += ["## Notes", "", f"- {PHI_RULE}", f"- {COST_RULE}", f"- {INTERVAL_RULE}"]
     lines += [f"- {n}" for n in [*(suite_notes or []), *notes]] + [""]
+    lines += [*summary([r.get("provenance") for r in results]), ""]
     path = leaderboard_dir / f"{slug(suite_name)}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
 
 
+@dataclass
+class _Intervals:
+    """The board's aggregated numbers (``eebench.stats``), by (dataset, backbone, method, budget, φ)."""
+
+    accuracy: dict[tuple, Any]
+    paired: dict[tuple, Any]
+
+    def at(self, table: str, result: dict[str, Any], target: float) -> Any:
+        from eebench.stats import Interval
+
+        return getattr(self, table).get(_key(result, target), Interval(math.nan, 0))
+
+
+def _key(result: dict[str, Any], target: float) -> tuple:
+    return result["dataset"], result["backbone"], result["method"], result["budget"]["label"], float(f"{target:g}")
+
+
+def _lookup(frame: Any) -> dict[tuple, Any]:
+    from eebench.stats import KEYS, Interval
+
+    def number(value: Any) -> float | None:
+        return None if value is None or math.isnan(value) else float(value)
+
+    return {tuple(row[k] for k in KEYS): Interval(row["mean"], int(row["n"]), number(row["ci_low"]),
+                                                  number(row["ci_high"]), row["interval"] or None)
+            for row in frame.to_dict("records")}
+
+
+def _intervals(results: list[dict[str, Any]], targets: list[float], reference: str | None) -> _Intervals:
+    """Test accuracy at every target with its interval, and paired differences against ``reference``."""
+    from eebench.stats import aggregate, paired
+    from eebench.tidy import table
+
+    frame = table(results, targets, outcomes=reference is not None)
+    return _Intervals(_lookup(aggregate(frame)), _lookup(paired(frame, reference)) if reference else {})
+
+
+def _interval_line(group: list[dict[str, Any]]) -> str:
+    """Which interval the ± of this table is (see INTERVAL_RULE)."""
+    seeds = {len({r["seed"] for r in rows}) for rows in _group(group, lambda r: (r["method"], r["budget"]["label"]))
+             .values()}
+    kinds = []
+    if any(n >= 2 for n in seeds):
+        kinds.append("Student-t over the n seeds")
+    if 1 in seeds:
+        kinds.append("one seed: bootstrap over test samples")
+    return f"Test accuracy, mean ± half-width of the 95 % confidence interval ({'; '.join(kinds)}); n: seeds."
+
+
+def _ztw_table(group: list[dict[str, Any]], many_budgets: bool, intervals: _Intervals, base_acc: list[float],
+               base_sizes: list[int]) -> list[str]:
+    """Accuracy at 25/50/75/100 % of the base cost, the Zero-Time-Waste tables' columns."""
+    lines = ["", "Accuracy at 25/50/75/100 % of the base cost (Zero-Time-Waste's table convention; the same "
+                 "calibration-chosen policies as above, evaluated on test; mean ± 95 % CI):", "",
+             "| method | " + " | ".join(f"{100 * t:.0f} %" for t in ZTW_TARGETS) + " | n |",
+             "|---" * (len(ZTW_TARGETS) + 2) + "|"]
+    for label, rows in _group(group, lambda r: _row_label(r, many_budgets)).items():
+        cells = [_fmt_interval(intervals.at("accuracy", rows[0], t)) for t in ZTW_TARGETS]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(rows)} |")
+    if base_acc:
+        base = _fmt(base_acc, base_sizes)
+        lines.append("| backbone (no early exit) | " + " | ".join(base if t >= 1.0 else "—" for t in ZTW_TARGETS)
+                     + f" | {len(base_acc)} |")
+    return lines
+
+
+def _paired_table(group: list[dict[str, Any]], many_budgets: bool, columns: list[float], intervals: _Intervals,
+                  reference: str) -> list[str]:
+    """Each method minus the reference at each φ (percentage points), bold where the CI excludes 0."""
+    if not any(r["method"] == reference for r in group):
+        return ["", f"Paired differences: the reference method '{reference}' has no result here."]
+    lines = ["", f"Paired differences vs the reference {reference} (test accuracy of the method − {reference}'s, in "
+                 "percentage points, at the same φ; each seed paired with the reference's run of the same seed on the "
+                 "same base backbone; mean ± 95 % CI; **bold**: the CI excludes 0; n: pairs):", "",
+             "| method | " + " | ".join(f"φ={t:.2f}" for t in columns) + " | n |", "|---" * (len(columns) + 2) + "|"]
+    for label, rows in _group(group, lambda r: _row_label(r, many_budgets)).items():
+        if rows[0]["method"] == reference:
+            continue
+        found = [intervals.at("paired", rows[0], t) for t in columns]
+        cells = [f"**{text}**" if interval.excludes_zero else text
+                 for interval, text in ((i, _fmt_interval(i, unit="", sign="+")) for i in found)]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {max(i.n for i in found)} |")
+    return lines
+
+
 def _phi_entry(result: dict[str, Any], target: float) -> dict[str, Any] | None:
     """The cell's calibration-chosen operating point at ``target`` (see PHI_RULE)."""
     return result["accuracy_at"].get(f"{target:g}")
-
-
-def _accuracy_at(result: dict[str, Any], target: float) -> float | None:
-    entry = _phi_entry(result, target)
-    return None if entry is None else entry["accuracy"]
 
 
 def _metric_under(result: dict[str, Any], name: str, target: float) -> float | None:
@@ -275,11 +393,12 @@ def _metric_under(result: dict[str, Any], name: str, target: float) -> float | N
 
 
 def _fmt_plain(values: list[float | None]) -> str:
+    """A metric other than accuracy over seeds: the value, or mean ± 95 % CI (Student-t) for several seeds."""
+    from eebench.stats import mean_interval
+
     if not values or None in values:
         return "—"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+    return _fmt_interval(mean_interval(values), scale=1.0, unit="", digits=3)
 
 
 def _metric_names(items: list[dict[str, Any]]) -> list[str]:
@@ -305,7 +424,7 @@ def _metrics_table(group: list[dict[str, Any]], many_budgets: bool, columns: lis
     names = _metric_names([r["curve"]["test"] for r in group])
     if not names:
         return []
-    lines = ["", "Further test metrics at the same points (mean ± std over seeds):", "",
+    lines = ["", "Further test metrics at the same points (mean ± 95 % CI over seeds, Student-t):", "",
              "| method | metric | " + " | ".join(f"φ={t:.2f}" for t in columns) + " |",
              "|---" * (len(columns) + 2) + "|"]
     for label, rows in _group(group, lambda r: _row_label(r, many_budgets)).items():
@@ -326,22 +445,23 @@ def _exit_shares(names: list[str], counts: list[int]) -> str:
 def _operating_point_table(group: list[dict[str, Any]], many_budgets: bool) -> list[str]:
     """Fixed thresholds a method's paper reports (e.g. EENet's confidence > 0.5), on test."""
     rows = [(label, name, [p for r in results for p in r.get("operating_points", []) if p["name"] == name],
-             results[0])
+             results[0], [r["sizes"]["test"] for r in results for p in r.get("operating_points", [])
+                          if p["name"] == name])
             for label, results in _group(group, lambda r: _row_label(r, many_budgets)).items()
             for name in dict.fromkeys(p["name"] for r in results for p in r.get("operating_points", []))]
     if not rows:
         return []
-    metrics = _metric_names([p["test"] for _, _, points, _ in rows for p in points])
-    lines = ["Operating points (fixed thresholds, not calibrated; test split; mean ± std over seeds; exit "
+    metrics = _metric_names([p["test"] for _, _, points, _, _ in rows for p in points])
+    lines = ["Operating points (fixed thresholds, not calibrated; test split; mean ± 95 % CI; exit "
              "distribution of the first seed):", "",
              "| method | operating point | accuracy | cost | " + "".join(f"{m} | " for m in metrics)
              + "exit distribution |", "|---" * (5 + len(metrics)) + "|"]
-    for label, name, points, first in rows:
+    for label, name, points, first, sizes in rows:
         cost = statistics.mean(p["test"]["cost"] for p in points)
         shares = _exit_shares(first["exits"]["names"], points[0]["test"]["exit_counts"])
         extra = "".join(f"{_fmt_plain([p['test'].get('metrics', {}).get(m) for p in points])} | " for m in metrics)
-        lines.append(f"| {label} | {name} | {_fmt([p['test']['accuracy'] for p in points])} | {cost:.3f} | {extra}"
-                     f"{shares} |")
+        accuracy = _fmt([p["test"]["accuracy"] for p in points], sizes)
+        lines.append(f"| {label} | {name} | {accuracy} | {cost:.3f} | {extra}{shares} |")
     return [*lines, ""]
 
 

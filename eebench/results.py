@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -59,11 +60,13 @@ class CellResult(BaseModel):
     operating_points: list[dict[str, Any]]
     fit_info: dict[str, Any]
     latency: dict[str, Any] | None = None  # measured speed (``eebench bench``), when timed
+    test_outcomes: dict[str, Any] | None = None  # per-sample test correctness of each policy (eebench.samples)
 
     def to_json_dict(self) -> dict[str, Any]:
         data = self.model_dump()
-        if data["latency"] is None:
-            del data["latency"]
+        for optional in ("latency", "test_outcomes"):
+            if data[optional] is None:
+                del data[optional]
         return data
 
 
@@ -150,13 +153,17 @@ def is_result(content: Any) -> bool:
             and isinstance(content.get("accuracy_at"), dict))
 
 
-def finished(run_dir: Path, cell_id: str, config_hash: str, device: str | None = None) -> bool:
+def finished(run_dir: Path, cell_id: str, config_hash: str, device: str | None = None,
+             targets: Iterable[float] | None = None) -> bool:
     """A finished result for this config exists (and, when ``device`` is given, was computed on that
-    device type: CPU and CUDA numbers differ, so a rerun on the other device recomputes the cell).
-    A failed-cell record or a damaged file is not finished: the cell is computed again."""
+    device type: CPU and CUDA numbers differ, so a rerun on the other device recomputes the cell; when
+    ``targets`` are given, it evaluated each of them: a suite whose targets grew, or that turned
+    ``ztw_columns`` on, computes the cell again). A failed-cell record or a damaged file is not finished."""
     for path in (cell_path(run_dir, cell_id), safe_cell_path(run_dir, cell_id)):
         result = read_result(path)
         if not is_result(result) or result.get("config_hash") != config_hash:
+            continue
+        if targets is not None and any(f"{t:g}" not in result["accuracy_at"] for t in targets):
             continue
         provenance = result.get("provenance")
         recorded = provenance.get("device") if isinstance(provenance, dict) else None

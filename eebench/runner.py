@@ -1,11 +1,12 @@
-"""Runs a suite: cells in order, finished ones skipped, each result written at once.
+"""Runs a suite: cells group by group (``eebench.groups``), finished ones skipped, each result
+written at once; here in this process, or fanned out over an executor (``eebench.fanout``).
 
 Each cell runs in isolation: an exception inside a method's cell (its construction, fit,
 outputs, calibration) is recorded as a failed-cell file naming the error and the plugin
 and package that raised it, and the run goes on with the other cells. Bad input of the
 suite itself (an ``EebenchError`` while a dataset, base backbone or plugin is prepared from
 the suite's values, before any of the cell's work) stops the run, as ``validate`` would.
-KeyboardInterrupt always stops it. One run at a time holds a run directory (``RUN_DIR/.lock``).
+KeyboardInterrupt always stops it. One run at a time holds a run directory (``eebench.lock``).
 """
 
 from __future__ import annotations
@@ -13,16 +14,14 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
-import os
 import platform
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,15 +32,22 @@ from eebench.calibration import Curve, build_curve
 from eebench.costs import ExitCosts, StageCosts
 from eebench.datasets import DatasetBundle, dataset_labels, seeded_subset_indices, take
 from eebench.errors import EebenchError, build_plugin, check_writable, plugin_errors
+from eebench.groups import CellGroup, group_cells
 from eebench.inference import save_state
+from eebench.lock import run_lock
 from eebench.memory import trim_heap
 from eebench.model import StagedBackbone
 from eebench.plugins import KIND_LABELS, Registry
 from eebench.policy import operating_point
+from eebench.provenance import environment
 from eebench.results import FAILED, SCHEMA_VERSION, CellResult, finished, save_cell, write_atomic
+from eebench.samples import outcome_block
 from eebench.strategy import ExitStrategy, MethodContext, MethodReport, OperatingPoint
 from eebench.suite import BackboneSpec, Cell, DatasetSpec, Suite, expand
 from eebench.trace import ExitAccuracy, ExitOutputError, ExitTrace, compute_traces, exit_accuracy, thresholds_to_json
+
+if TYPE_CHECKING:
+    from eebench.executors import Executor
 
 
 @dataclass
@@ -320,13 +326,14 @@ class Runner:
         curve_metrics = _curve_metrics(metrics, test_traces, curve.thresholds, curve.variants)
         if curve_metrics:
             curve_dict["test"]["metrics"] = curve_metrics
-        accuracy_at = phi_points(curve, calibration_traces, test_traces, exit_costs, self.suite.targets,
+        accuracy_at = phi_points(curve, calibration_traces, test_traces, exit_costs, self.suite.computed_targets,
                                  cell.seed, metrics if curve_metrics else None)
+        outcomes = outcome_block(curve, test_traces, exit_costs, self.suite.computed_targets, cell.seed)
         work.phases["calibrate"] = time.perf_counter() - tick
         return Calibrated(report, exit_costs, curve, curve_dict, accuracy_at, operating_points,
                           {"test_accuracy": float(no_exit.accuracy[0]), "test_cost": float(no_exit.cost[0]),
                            **({"metrics": no_exit_metrics} if no_exit_metrics else {})},
-                          exit_accuracy(test_trace))
+                          exit_accuracy(test_trace), outcomes)
 
     def _assemble(self, work: CellWork, done: Calibrated) -> dict[str, Any]:
         """The cell's result (``CellResult``, schema ``SCHEMA_VERSION``) as a JSON-ready dict."""
@@ -364,6 +371,7 @@ class Runner:
                 "base_backbone": {"key": base_info.key, "source": base_info.source,
                                   "train_seconds": round(base_info.train_seconds, 2),
                                   "train_samples": base_info.train_samples},
+                **environment(self.registry, self.device),  # git, plugin packages, libraries, CPU, GPU
             },
             sizes={"train": len(splits.train), "calibration": len(splits.calibration), "test": len(splits.test)},
             backbone_macs=work.stage_costs.total,
@@ -380,6 +388,7 @@ class Runner:
             no_exit=done.no_exit,
             operating_points=done.operating_points,
             fit_info=done.report.fit_info,
+            test_outcomes=done.test_outcomes,
         )
         return result.to_json_dict()
 
@@ -413,6 +422,7 @@ class Calibrated:
     operating_points: list[dict[str, Any]]
     no_exit: dict[str, Any]
     exit_accuracy: ExitAccuracy
+    test_outcomes: dict[str, Any] | None = None  # per-sample correctness (eebench.samples)
 
 
 Metrics = Callable[[torch.Tensor, torch.Tensor], dict[str, list[float]]]
@@ -479,38 +489,6 @@ def evaluate_operating_points(points: list[OperatingPoint], calibration: list[Ex
                      "exit_counts": on_test.exit_counts[0].tolist(), **({"metrics": extra} if extra else {})},
         })
     return rows
-
-
-@contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold ``RUN_DIR/.lock`` (``fcntl.flock``, released by the kernel when the process dies) for the
-    run: a second run into the same directory refuses with one line naming the holder's pid."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    path = run_dir / ".lock"
-    try:
-        handle = open(path, "a+")  # noqa: SIM115 -- held open for the whole run
-    except OSError as exc:
-        raise EebenchError(f"cannot create the run lock {path.name} ({exc.strerror}); expected a writable "
-                           "run directory", where=str(run_dir), key="--out") from exc
-    try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise EebenchError(f"another eebench run (pid {holder}) is using this run directory; expected it "
-                               "to finish first, or another --out", where=str(run_dir), key="--out") from exc
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield
-    finally:
-        handle.close()  # closing releases the lock
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
@@ -624,15 +602,36 @@ def _check_cache(cells: list[Cell]) -> None:
                        "a writable directory for the backbone cache (set EEBENCH_CACHE)")
 
 
-def run_suite(suite: Suite, registry: Registry, *, suite_path: str, run_dir: Path, device: torch.device,
-              only: str | None = None, log: Callable[[str], None] = print,
-              share_activations: bool = True) -> RunReport:
-    """Run every cell not already finished; each result is on disk before the next starts.
+@dataclass
+class RunPlan:
+    """What a run (or one worker's share of it) works through: its cells in groups, which of them are
+    still to do, and how many cells the whole run has (for ``[k/N]`` progress lines)."""
 
-    A cell that raises is recorded as a failed cell (``RunReport.failed``) and the run goes on;
-    an ``EebenchError`` while the suite's values are turned into a dataset, backbone or plugin
-    (``SETUP_PHASES``) is bad input and stops the run; so does KeyboardInterrupt. Finished
-    cells are always kept.
+    suite: Suite
+    suite_path: str
+    run_dir: Path
+    device: torch.device
+    groups: list[CellGroup]
+    pending: set[str]  # cell ids without a finished result when the run took the lock
+    total: int
+    share_activations: bool = True
+
+    def pending_cells(self) -> list[Cell]:
+        return [cell for group in self.groups for _, cell in group.cells if cell.cell_id in self.pending]
+
+
+def run_suite(suite: Suite, registry: Registry, *, suite_path: str, run_dir: Path, device: torch.device,
+              only: str | None = None, log: Callable[[str], None] = print, share_activations: bool = True,
+              wait: bool = False, executor: Executor | None = None) -> RunReport:
+    """Run every cell not already finished; each result is on disk as soon as its cell is done.
+
+    Cells run group by group (``eebench.groups``: cells sharing a base backbone together), in this
+    process, or fanned out over ``executor`` (``eebench.executors``: a process pool, Ray, submitit),
+    which runs each group in one worker. A cell that raises is recorded as a failed cell
+    (``RunReport.failed``) and the run goes on; an ``EebenchError`` while the suite's values are
+    turned into a dataset, backbone or plugin (``SETUP_PHASES``) is bad input and stops the run (a
+    parallel run: that group; the others finish first); so does KeyboardInterrupt. Finished cells
+    are always kept. Another run holding the run directory makes this one refuse, or wait (``wait``).
     """
     check_writable(run_dir, "--out")
     check_writable(run_dir / "cells", "--out", "a writable cells/ folder in the run directory")
@@ -640,15 +639,21 @@ def run_suite(suite: Suite, registry: Registry, *, suite_path: str, run_dir: Pat
     if not cells:
         raise EebenchError(f"no cell matches --only '{only}'; expected a glob over cell ids",
                            where=suite_path, key="--only")
-    with run_lock(run_dir):
+    groups = group_cells(cells)
+    with run_lock(run_dir, wait=wait):
         _write_run_suite(run_dir, suite, suite_path)
-        todo = [c for c in cells if not finished(run_dir, c.cell_id, c.config_hash, str(device))]
-        _check_cache(todo)
-        return _run_cells(suite, registry, cells, suite_path=suite_path, run_dir=run_dir, device=device, log=log,
-                          share_activations=share_activations)
+        pending = {c.cell_id for c in cells if not finished(run_dir, c.cell_id, c.config_hash, str(device),
+                                                           suite.computed_targets)}
+        plan = RunPlan(suite, suite_path, run_dir, device, groups, pending, len(cells), share_activations)
+        _check_cache(plan.pending_cells())
+        if executor is None:
+            return _run_serial(plan, registry, log)
+        from eebench.fanout import run_groups  # the parallel driver (it imports this module)
+
+        return run_groups(plan, executor, log)
 
 
-def _declare_frozen_products(runner: Runner, registry: Registry, cells: list[Cell]) -> None:
+def declare_frozen_products(runner: Runner, registry: Registry, cells: list[Cell]) -> None:
     """Tell the run's activation cache what the methods still to run will read (their strategies'
     ``frozen_products``), so the first frozen pass over a split fills it; a factory that cannot say
     (a function, or one that fails to load: its cell will report that) declares nothing."""
@@ -661,20 +666,43 @@ def _declare_frozen_products(runner: Runner, registry: Registry, cells: list[Cel
             runner.activations.want(key, reducer)
 
 
-def _run_cells(suite: Suite, registry: Registry, cells: list[Cell], *, suite_path: str, run_dir: Path,
-               device: torch.device, log: Callable[[str], None], share_activations: bool) -> RunReport:
-    runner = Runner(suite, registry, suite_path=suite_path, device=device, share_activations=share_activations)
-    pending = [c for c in cells if not finished(run_dir, c.cell_id, c.config_hash, str(device))]
-    _declare_frozen_products(runner, registry, pending)
-    todo = {c.cell_id for c in pending}  # read once: the run lock keeps other runs out
-    report = RunReport(run_dir)
+def _run_serial(plan: RunPlan, registry: Registry, log: Callable[[str], None]) -> RunReport:
+    """Every group in this process, one Runner for all (datasets and base backbones loaded once)."""
+    runner = Runner(plan.suite, registry, suite_path=plan.suite_path, device=plan.device,
+                    share_activations=plan.share_activations)
+    declare_frozen_products(runner, registry, plan.pending_cells())
+    report = RunReport(plan.run_dir)
     start = time.perf_counter()
-    for index, cell in enumerate(cells, 1):
-        if cell.cell_id not in todo:
+    for group in plan.groups:
+        run_cells(runner, registry, plan, group, report, log)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def done_line(position: int, total: int, result: dict[str, Any], seconds: float) -> str:
+    """``[k/N] cell: done in 12.3s (φ=0.25: 0.812, ...)``: the progress line of a finished cell."""
+    at = ", ".join(f"φ={k}: {v['accuracy']:.3f}" if v else f"φ={k}: —" for k, v in result["accuracy_at"].items())
+    return f"[{position}/{total}] {result['cell_id']}: done in {seconds:.1f}s ({at})"
+
+
+def failed_line(position: int, total: int, record: dict[str, Any], seconds: float, path: Path | None) -> str:
+    """``[k/N] cell: FAILED after 3.1s: <the error>; recorded in <path>``."""
+    where = f"; recorded in {path}" if path else ""
+    return f"[{position}/{total}] {record['cell_id']}: FAILED after {seconds:.1f}s: {describe_failure(record)}{where}"
+
+
+def run_cells(runner: Runner, registry: Registry, plan: RunPlan, group: CellGroup, report: RunReport,
+              log: Callable[[str], None], recheck: bool = False) -> None:
+    """Run the group's pending cells in order, each result saved before the next starts; ``recheck``
+    skips a cell that another attempt of this group finished meanwhile (a retried worker)."""
+    suite, run_dir, device, total = plan.suite, plan.run_dir, plan.device, plan.total
+    for position, cell in group.cells:
+        if cell.cell_id not in plan.pending or (
+                recheck and finished(run_dir, cell.cell_id, cell.config_hash, str(device), suite.computed_targets)):
             report.skipped.append(cell.cell_id)
-            log(f"[{index}/{len(cells)}] {cell.cell_id}: already done, skipped")
+            log(f"[{position}/{total}] {cell.cell_id}: already done, skipped")
             continue
-        log(f"[{index}/{len(cells)}] {cell.cell_id}: running")
+        log(f"[{position}/{total}] {cell.cell_id}: running")
         tick = time.perf_counter()
         try:
             result = runner.run_cell(cell)
@@ -687,9 +715,7 @@ def _run_cells(suite: Suite, registry: Registry, cells: list[Cell], *, suite_pat
             record = failure_record(suite, registry, cell, exc, runner.blame, device, time.perf_counter() - tick)
             path = _save(report, run_dir, cell.cell_id, record, json.dumps(record, indent=1, default=str))
             report.failed.append(cell.cell_id)
-            where = f"; recorded in {path}" if path else ""
-            log(f"[{index}/{len(cells)}] {cell.cell_id}: FAILED after {time.perf_counter() - tick:.1f}s: "
-                f"{describe_failure(record)}{where}")
+            log(failed_line(position, total, record, time.perf_counter() - tick, path))
             sys.stdout.flush()
             continue
         _save_strategy(run_dir, cell, runner.last_strategy)
@@ -697,8 +723,5 @@ def _run_cells(suite: Suite, registry: Registry, cells: list[Cell], *, suite_pat
         trim_heap()  # and what it freed goes back to the system before the next one grows
         _save(report, run_dir, cell.cell_id, result, text)
         report.done.append(cell.cell_id)
-        at = ", ".join(f"φ={k}: {v['accuracy']:.3f}" if v else f"φ={k}: —" for k, v in result["accuracy_at"].items())
-        log(f"[{index}/{len(cells)}] {cell.cell_id}: done in {time.perf_counter() - tick:.1f}s ({at})")
+        log(done_line(position, total, result, time.perf_counter() - tick))
         sys.stdout.flush()
-    report.seconds = time.perf_counter() - start
-    return report

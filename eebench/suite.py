@@ -11,7 +11,8 @@ was expected):
   a recursive alias, and aliases that expand to more than ``MAX_YAML_NODES`` nodes (each use
   of an alias counts its whole subtree: a "billion laughs" file is refused at load time);
 * NaN and infinite numbers anywhere (targets, recipes, params), seeds outside
-  ``[0, SEED_MAX]``, counts above ``MAX_COUNT``;
+  ``[0, SEED_MAX]`` or listed twice, counts above ``MAX_COUNT``, a ``reference`` that is not one
+  of the suite's method labels;
 * names that become file names: the suite ``name``, plugin names and ``label``s longer than
   ``MAX_NAME_BYTES`` or holding control characters or line breaks, a cell id (hence a cell
   file name) over ``MAX_CELL_ID_BYTES``, two entries that map to the same file name, and more
@@ -51,6 +52,7 @@ MAX_COUNT = 2**31 - 1  # sizes, subsets and batch sizes
 # Seeds are 0 <= seed <= 2**31 - 1: numpy's legacy RNG takes [0, 2**32) and torch [−2**63, 2**64), and eebench
 # derives further seeds by adding offsets below 2**31 (the holdout split uses seed + 7919), which then stay valid.
 SEED_MAX = 2**31 - 1
+ZTW_TARGETS = (0.25, 0.5, 0.75, 1.0)  # Zero-Time-Waste's "accuracy at 25/50/75/100 % of the base cost"
 
 Strict = ConfigDict(extra="forbid", allow_inf_nan=False)
 Count = Annotated[int, Field(gt=0, le=MAX_COUNT)]
@@ -183,6 +185,15 @@ class Suite(BaseModel):
     train_batch_size: Count = 128
     outputs: Outputs = Field(default_factory=Outputs)
     latency: LatencySpec | None = None  # time every finished cell's early-exit network after the run
+    # the method label paired differences are taken against (same seed, same base backbone), if any
+    reference: str | None = None
+    # also evaluate and show accuracy at 25/50/75/100 % of the base cost (Zero-Time-Waste's tables)
+    ztw_columns: bool = False
+
+    @property
+    def computed_targets(self) -> list[float]:
+        """The cost targets every cell evaluates: the suite's, φ = 1, and the ZTW points when asked for."""
+        return sorted({*self.targets, 1.0, *(ZTW_TARGETS if self.ztw_columns else ())})
 
     @field_validator("name")
     @classmethod
@@ -431,7 +442,19 @@ def load_suite(path: str | Path) -> Suite:
         raise EebenchError("the suite nests too deeply; expected a suite of ordinary depth", where=where,
                            key="(top level)") from exc
     check_names(suite, where)
+    check_reference(suite, where)
     return suite
+
+
+def check_reference(suite: Suite, where: str) -> None:
+    """``reference`` names one of the suite's method labels (what the leaderboard's rows are called)."""
+    if suite.reference is None:
+        return
+    labels = [m.display for m in suite.methods]
+    if suite.reference not in labels:
+        shown = ", ".join(f"'{printable(label)}'" for label in labels)
+        raise EebenchError(f"'{printable(suite.reference)}' is not a method label of this suite; expected one of "
+                           f"{shown} (a method's label, else its name)", where=where, key="reference")
 
 
 # ---------------------------------------------------------------------------------------- names

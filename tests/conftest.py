@@ -80,3 +80,31 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     yield tmp_path
     for module in [m for m in sys.modules if m.startswith("eebench_test_")]:
         del sys.modules[module]
+
+
+TWO_SEEDS = {
+    "name": "two-seeds",
+    "description": "two methods, two seeds, a reference and the Zero-Time-Waste columns; numbers not meaningful",
+    "datasets": [{"name": "fashion-mnist", "per_class": 10, "test_subset": 200}],
+    "backbones": [{"name": "resnet20", "params": {"width": 0.5}, "recipe": {"epochs": 1, "batch_size": 50}}],
+    "methods": [{"name": "e2cm", "label": "E2CM"}, {"name": "sdn", "label": "SDN"}],
+    "budgets": [{"name": "epochs", "params": {"epochs": 1}}],
+    "seeds": [0, 1],
+    "targets": [0.5],
+    "reference": "SDN",
+    "ztw_columns": True,
+}
+
+
+@pytest.fixture(scope="session")
+def two_seed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real run of a tiny two-method, two-seed suite with ``reference: SDN`` and ``ztw_columns: true``."""
+    import yaml
+
+    from eebench.cli import main
+
+    out = tmp_path_factory.mktemp("two_seeds")
+    (out / "suite.yaml").write_text(yaml.safe_dump(TWO_SEEDS, allow_unicode=True))
+    code = main(["run", str(out / "suite.yaml"), "--out", str(out / "run"), "--leaderboards", str(out / "boards")])
+    assert code == 0
+    return out

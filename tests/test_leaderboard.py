@@ -43,8 +43,10 @@ def test_leaderboard_has_every_row_at_every_target(smoke_run: Path) -> None:
     backbone = next(line for line in board.splitlines() if line.startswith("| backbone (no early exit) |"))
     assert e2cm.count("%") >= 3 and "—" not in e2cm.split("|")[2]
     (result,) = results(smoke_run)
-    assert f"{100 * result['backbone_test_accuracy']:.1f}%" in backbone
-    assert f"{100 * result['accuracy_at']['0.5']['accuracy']:.1f}%" in e2cm
+    # one seed: mean ± the half-width of a bootstrap interval over test samples, and n = 1
+    assert f"| {100 * result['backbone_test_accuracy']:.1f} ± " in backbone and backbone.endswith("| 1 |")
+    assert f"| {100 * result['accuracy_at']['0.5']['accuracy']:.1f} ± " in e2cm and e2cm.endswith("| 1 |")
+    assert "bootstrap over test samples" in board
     figure = smoke_run / "boards" / "smoke" / "fashion-mnist-resnet20.png"
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "(smoke/fashion-mnist-resnet20.png)" in board
@@ -87,4 +89,4 @@ def test_a_stale_cell_of_an_edited_suite_is_not_averaged_in(smoke_run: Path, tmp
     assert main(["leaderboard", str(run), "--leaderboards", str(tmp_path / "boards")]) == 0
     board = (tmp_path / "boards" / "smoke.md").read_text().splitlines()
     (row,) = [line for line in board if line.startswith("| E²CM |") and "%" in line]  # one row, not one per result
-    assert "1.2%" not in row and "±" not in row
+    assert "1.2" not in row and row.endswith("| 1 |")  # n = 1: the stale cell is not a second seed
