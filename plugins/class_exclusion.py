@@ -18,11 +18,15 @@ keeps the top class alone, so every sample leaves at that exit with it. If none 
 the final classifier decides among the alive classes (excluded logits masked with −inf,
 identically in search and test — the reference masks with 0 in search and not at all in
 test). Everything is vectorised over samples and β vectors with recovery per row (the
-reference's batched search broadcasts the recovery over all rows). One exit's update
-(``exclusion_step``) serves both the trace (``ClassExclusionTrace``, built by
+reference's batched search broadcasts the recovery over all rows). Alive sets are packed
+into int64 words (``pack``), and the classes an exit keeps are the best few by score, found
+by one ``searchsorted`` per sample and β in the exit's ``ExitTable``: one exit costs O(V·N)
+integer operations for V vectors and N samples, not O(V·N·K). One exit's update
+(``exclusion_update``) serves both the trace (``ClassExclusionTrace``, built by
 ``build_traces`` from the heads' sigmoids and the final logits that ``exit_step`` hands
 over as ``detail``) and the executor (``decide``, with the alive sets kept in the
-per-sample state), so the two cannot disagree.
+per-sample state), so the two cannot disagree. The trace walks vectors that share their
+first β together (``tables_outcome``).
 
 β search (the reference ``_large_n_search``): on the calibration split, goal = accuracy
 without exclusion − ``tolerance``; exits are visited in descending MACs of the segment
@@ -54,6 +58,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -107,43 +113,266 @@ class ExclusionHead(nn.Module):
         return self._macs
 
 
-def exclusion_step(scores: torch.Tensor, alive: torch.Tensor,
-                   betas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One exclusion exit for a batch of samples: the rule the trace and the executor share.
+BITS = 63  # classes per int64 word of a packed class set (the sign bit stays clear)
+CHUNK = 1 << 22  # elements per block of the final masked argmax: bounds its float64 temporaries
 
-    scores: [..., K] sigmoids of the exit's head; alive: [..., K] alive sets before it; betas: [...]
-    (broadcast against scores' leading dimensions; +inf or <= 0 = exit off: nothing changes, nobody
-    leaves). The top class is made alive again, then only classes with s > β·max(s) (and the top
-    class) stay alive. Returns (alive after, [...] leaving: one class left, [...] that class).
+
+def set_words(k: int) -> int:
+    """Words of a packed set of ``k`` classes."""
+    return (k + BITS - 1) // BITS
+
+
+def class_bits(classes: torch.Tensor, k: int) -> torch.Tensor:
+    """[..., W] the packed set holding only ``classes`` [...] (of ``k``)."""
+    words = torch.zeros(*classes.shape, set_words(k), dtype=torch.long, device=classes.device)
+    bit = torch.ones_like(classes).bitwise_left_shift(classes % BITS)
+    return words.scatter_(-1, (classes // BITS)[..., None], bit[..., None])
+
+
+def pack(mask: torch.Tensor) -> torch.Tensor:
+    """[..., K] bool to the packed [..., W] set: the rule's alive sets as a few integers per sample, so
+    that one exit over V β vectors costs O(V·N) integer operations instead of O(V·N·K)."""
+    k = mask.shape[-1]
+    classes = torch.arange(k, device=mask.device)
+    words = torch.zeros(*mask.shape[:-1], set_words(k), dtype=torch.long, device=mask.device)
+    return words.index_add_(-1, classes // BITS, mask.long().bitwise_left_shift(classes % BITS))
+
+
+def unpack(words: torch.Tensor, k: int) -> torch.Tensor:
+    """[..., W] packed sets of ``k`` classes to [..., K] bool."""
+    classes = torch.arange(k, device=words.device)
+    return words[..., classes // BITS].bitwise_right_shift(classes % BITS).bitwise_and(1).bool()
+
+
+def members(words: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """[R, M] bool: whether each of ``classes`` [R, M] is in its row's packed set ([R, W])."""
+    return words.gather(1, classes // BITS).bitwise_right_shift(classes % BITS).bitwise_and(1).bool()
+
+
+@dataclass(frozen=True)
+class ExitTable:
+    """One exclusion exit's sigmoids ([R, K], R samples) arranged for the rule, once per exit.
+
+    The set the rule keeps, {c: s_c > β·max(s)}, is always the best few classes by score, so it is read
+    from ``prefixes`` at the count ``searchsorted`` finds in ``ascending``: the same float64 products and
+    strict comparisons as testing every class, O(log K) per sample and β.
     """
-    on = torch.isfinite(betas) & (betas > 0)
-    top_value, top = scores.max(-1, keepdim=True)
-    keep = scores > betas.clamp(max=1.0)[..., None] * top_value
-    top = top.expand(*keep.shape[:-1], 1)
-    keep = keep.scatter(-1, top, True)  # the top class survives even at β = 1: never an empty set
-    updated = alive.expand_as(keep).scatter(-1, top, True) & keep  # recovery: each sample's own top class
+
+    top_value: torch.Tensor  # [R] max(s)
+    top: torch.Tensor  # [R] its class (``max``'s own index, as the rule always had)
+    top_bit: torch.Tensor  # [R, W] the set {top}
+    ascending: torch.Tensor  # [R, K] the scores, ascending
+    prefixes: torch.Tensor  # [R, K + 1, W] the set of the first c classes of ``by_score``, c = 0..K
+
+    @classmethod
+    def of(cls, scores: torch.Tensor) -> ExitTable:
+        k = scores.shape[-1]
+        top_value, top = scores.max(-1)
+        order = by_score(scores)
+        bits = class_bits(order, k)  # [R, K, W], one bit each: their running sum is the running union
+        prefixes = torch.cat([torch.zeros_like(bits[:, :1]), bits.cumsum(1)], 1)
+        ascending = scores.gather(-1, order).flip(-1).contiguous()
+        return cls(top_value, top, class_bits(top, k), ascending, prefixes)
+
+
+def by_score(scores: torch.Tensor) -> torch.Tensor:
+    """[R, K] classes by descending score, ties by class index (a stable sort)."""
+    return scores.argsort(dim=-1, descending=True, stable=True)
+
+
+def exit_on(betas: torch.Tensor) -> torch.Tensor:
+    """Where an exit applies: β finite and > 0 (+inf or <= 0: the exit is off)."""
+    return torch.isfinite(betas) & (betas > 0)
+
+
+def kept_classes(table: ExitTable, betas: torch.Tensor) -> torch.Tensor:
+    """[R, V, W] the classes an exit keeps at β (``betas`` [R or 1, V]): s > β·max(s), and the top class
+    even at β = 1."""
+    bound = (betas.clamp(max=1.0) * table.top_value[:, None]).contiguous()
+    count = table.ascending.shape[-1] - torch.searchsorted(table.ascending, bound, right=True)  # s > β·max
+    keep = table.prefixes.gather(1, count[..., None].expand(*count.shape, table.prefixes.shape[-1]))
+    return keep | table.top_bit[:, None]
+
+
+def exclusion_update(table: ExitTable, alive: torch.Tensor, betas: torch.Tensor, on: torch.Tensor,
+                     rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One exclusion exit: the rule the trace and the executor share.
+
+    alive: [R, V, W] packed alive sets before the exit (V β vectors per sample); betas: broadcast to
+    [R, V]; on: [R, V] where the exit applies (elsewhere nothing changes and nobody leaves). The top
+    class is made alive again, then only classes with s > β·max(s) (and the top class) stay alive.
+    ``rows``: row r is the table's sample rows[r] (one β for all rows: each sample's kept classes are
+    found once, whatever the number of its rows). Returns (alive after, [R, V] leaving: the top class is
+    the one left).
+    """
+    keep, top = kept_classes(table, betas), table.top_bit[:, None]
+    if rows is not None:
+        keep, top = keep[rows], top[rows]
+    updated = (alive | top) & keep  # recovery, then the rule
     alive = torch.where(on[..., None], updated, alive)
-    return alive, on & (alive.sum(-1) == 1), alive.int().argmax(-1)
+    return alive, on & (alive == top).all(-1)
 
 
-def walk_exits(scores_at: Callable[[int], torch.Tensor], betas_at: Callable[[int], torch.Tensor],
-               exits: Iterable[int], alive: torch.Tensor, active: torch.Tensor, pred: torch.Tensor,
-               first: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Samples still ``active`` through ``exits`` in order (``exclusion_step`` at each; an exit whose β is
-    off for every row is skipped): the alive sets, who is still in, and the class of those who left
-    (``first`` gets the exit they left at, in place, when given)."""
+def walk_exit(table: ExitTable, index: int, beta: torch.Tensor, alive: torch.Tensor, active: torch.Tensor,
+              pred: torch.Tensor, first: torch.Tensor | None = None,
+              rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows [R, V] still ``active`` through exit ``index`` (``exclusion_update``, ``rows`` as there): the
+    alive sets, who is still in, and the class of those who left (``first`` gets ``index`` where they
+    left, in place)."""
+    alive, leaving = exclusion_update(table, alive, beta, exit_on(beta) & active, rows)
+    if first is not None:
+        first[leaving] = index
+    top = table.top if rows is None else table.top[rows]
+    return alive, active & ~leaving, torch.where(leaving, top[:, None], pred)
+
+
+def walk_exits(tables: Sequence[ExitTable], betas_at: Callable[[int], torch.Tensor], exits: Iterable[int],
+               alive: torch.Tensor, active: torch.Tensor, pred: torch.Tensor, first: torch.Tensor | None = None,
+               rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``walk_exit`` through ``exits`` in order; an exit whose β is off for every row is skipped."""
     for i in exits:
         beta = betas_at(i)
-        if not bool((torch.isfinite(beta) & (beta > 0)).any()):
-            continue
-        updated, leaves, single = exclusion_step(scores_at(i), alive, beta)
-        alive = torch.where(active[..., None], updated, alive)
-        leaving = active & leaves
-        if first is not None:
-            first[leaving] = i
-        pred = torch.where(leaving, single, pred)
-        active = active & ~leaving
+        if bool(exit_on(beta).any()):
+            alive, active, pred = walk_exit(tables[i], i, beta, alive, active, pred, first, rows)
     return alive, active, pred
+
+
+def masked_argmax(logits: torch.Tensor, rows: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
+    """[P] the final classifier's answer among each packed set ([P, W]) for samples ``rows`` [P] of
+    ``logits`` [N, K]: excluded logits masked with −inf, then argmax, in blocks of bounded size."""
+    k = logits.shape[-1]
+    out = torch.empty(rows.shape, dtype=torch.long, device=logits.device)
+    step = max(1, CHUNK // k)
+    for start in range(0, rows.numel(), step):
+        block = slice(start, start + step)
+        out[block] = logits[rows[block]].masked_fill(~unpack(sets[block], k), float("-inf")).argmax(-1)
+    return out
+
+
+def final_answer(logits: torch.Tensor, samples: torch.Tensor | None, alive: torch.Tensor, active: torch.Tensor,
+                 pred: torch.Tensor) -> torch.Tensor:
+    """``pred`` [R, V] with the rows still ``active`` answered by the final classifier among their alive
+    classes; row r reads ``logits[samples[r]]`` (``logits[r]`` when ``samples`` is None)."""
+    row, column = active.nonzero(as_tuple=True)
+    pred = pred.clone()
+    pred[row, column] = masked_argmax(logits, row if samples is None else samples[row], alive[row, column])
+    return pred
+
+
+@dataclass(frozen=True)
+class ExclusionTables:
+    """A trace's exits as ``ExitTable``s and its final logits [N, K], built once per trace; the β search's
+    level cutoffs (``level_cutoffs``) are kept in ``cutoffs`` as they are first asked for."""
+
+    exits: list[ExitTable]
+    orders: list[torch.Tensor]  # [N, K] each exit's ``by_score``
+    final: torch.Tensor
+    final_rank: torch.Tensor  # [N, K] each class's place in argmax order: by descending logit, ties by index
+    cutoffs: dict[tuple[int, bytes], torch.Tensor] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def of(cls, scores: torch.Tensor, final: torch.Tensor) -> ExclusionTables:
+        order = final.argsort(dim=-1, descending=True, stable=True)  # NaN first, as argmax picks it
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(final.shape[-1]).expand_as(order))
+        return cls([ExitTable.of(s) for s in scores], [by_score(s) for s in scores], final, rank)
+
+    def best_so_far(self, rows: torch.Tensor, order: torch.Tensor, is_candidate: torch.Tensor) -> torch.Tensor:
+        """[R, K] for samples ``rows``: the final classifier's answer among the first m candidates of an
+        exit's ``by_score`` ``order`` ([R, K]; ``is_candidate`` [R, K] bool in that order), m = the
+        candidates up to each position: the lowest ``final_rank`` so far, which is ``masked_argmax`` of that
+        set (0 when all its logits are −inf, as there). Valid at the candidates' positions."""
+        ranks = self.final_rank[rows].gather(1, order).masked_fill(~is_candidate, self.final.shape[-1])
+        best = order.gather(1, ranks.cummin(1).indices)
+        return best.masked_fill(self.final[rows].gather(1, best) == float("-inf"), 0)
+
+    def level_cutoffs(self, exit_index: int, levels: torch.Tensor) -> torch.Tensor:
+        """[N, K] for each exit's classes in ``order``: the first level L (index, len(levels) if none) with
+        L·max >= s, the level from which the rule drops the class; independent of every β."""
+        key = (exit_index, levels.numpy().tobytes())
+        if key not in self.cutoffs:
+            table = self.exits[exit_index]
+            products = table.top_value[:, None] * levels[None, :]  # [N, L], the rule's float64 product
+            self.cutoffs[key] = torch.searchsorted(products, table.ascending.flip(-1).contiguous(), side="left")
+        return self.cutoffs[key]
+
+
+class Walk(NamedTuple):
+    """Samples × groups of β vectors part-way through the exits: [N, U, W] alive sets, [N, U] still in,
+    [N, U] class of those who left, [N, U] the exit they left at."""
+
+    alive: torch.Tensor
+    active: torch.Tensor
+    pred: torch.Tensor
+    first: torch.Tensor
+
+    def columns(self, index: torch.Tensor) -> Walk:
+        return Walk(*(part.index_select(1, index) for part in self))
+
+
+class Outcome(NamedTuple):
+    """Every vector's [V, N] exit and class, and (when asked for) its [V, N, W] alive sets at the end."""
+
+    first: torch.Tensor
+    pred: torch.Tensor
+    alive: torch.Tensor | None
+
+    def write(self, vectors: torch.Tensor, walk: Walk, columns: torch.Tensor) -> None:
+        """The results of ``vectors``, each the walk's column ``columns``, written out."""
+        self.first[vectors] = walk.first[:, columns].T
+        self.pred[vectors] = walk.pred[:, columns].T
+        if self.alive is not None:
+            self.alive[vectors] = walk.alive[:, columns].transpose(0, 1)
+
+
+def every_class(shape: tuple[int, ...], k: int, device: torch.device | None = None) -> torch.Tensor:
+    """[*shape, W] the packed set of all ``k`` classes (an expanded view: clone it to write into it)."""
+    return pack(torch.ones(k, dtype=torch.bool, device=device)).expand(*shape, set_words(k))
+
+
+def tables_outcome(tables: ExclusionTables, betas: torch.Tensor,
+                   with_alive: bool = False) -> tuple[torch.Tensor, ...]:
+    """``exclusion_outcome`` from a trace's tables.
+
+    Vectors that share β_0..β_j share everything up to exit j, so the walk runs on groups: at each exit
+    every group splits by its vectors' β there (the distinct prefixes so far), and a group nobody is
+    left in (β = 1 somewhere, typically) is written out and dropped. Each vector's numbers are those of
+    walking it alone; the candidate vectors of a search share most of their walk.
+    """
+    num_samples, k = tables.final.shape
+    vectors, num_heads = betas.shape
+    out = Outcome(torch.empty(vectors, num_samples, dtype=torch.long),
+                  torch.empty(vectors, num_samples, dtype=torch.long),
+                  torch.empty(vectors, num_samples, set_words(k), dtype=torch.long) if with_alive else None)
+    group = torch.zeros(vectors, dtype=torch.long)  # each vector's column of the walk (-1: written out)
+    walk = Walk(every_class((num_samples, 1), k), torch.ones(num_samples, 1, dtype=torch.bool),
+                torch.zeros(num_samples, 1, dtype=torch.long), torch.full((num_samples, 1), num_heads))
+    for i in range(num_heads):
+        live = (group >= 0).nonzero()[:, 0]
+        if not live.numel():
+            break
+        split, group[live] = torch.stack([group[live].double(), betas[live, i]], 1).unique(
+            dim=0, return_inverse=True)  # sorted by (group, β): a group that does not split keeps its column
+        if split.shape[0] != walk.active.shape[1]:
+            walk = walk.columns(split[:, 0].long())
+        beta = split[None, :, 1]
+        if bool(exit_on(beta).any()):
+            walk = Walk(*walk_exit(tables.exits[i], i, beta, *walk), walk.first)
+        done = ~walk.active.any(0)
+        if bool(done.any()):
+            finished = live[done[group[live]]]
+            out.write(finished, walk, group[finished])
+            kept = (~done).nonzero()[:, 0]
+            column = torch.full_like(done, -1, dtype=torch.long)
+            column[kept] = torch.arange(kept.numel())
+            group[live] = column[group[live]]
+            walk = walk.columns(kept)
+    live = (group >= 0).nonzero()[:, 0]
+    if live.numel():
+        walk = walk._replace(pred=final_answer(tables.final, None, walk.alive, walk.active, walk.pred))
+        out.write(live, walk, group[live])
+    if with_alive:
+        return out.first, out.pred, unpack(out.alive, k)
+    return out.first, out.pred
 
 
 def exclusion_outcome(scores: torch.Tensor, final_logits: torch.Tensor, betas: torch.Tensor,
@@ -155,17 +384,7 @@ def exclusion_outcome(scores: torch.Tensor, final_logits: torch.Tensor, betas: t
     Returns ([V, N] exit index, J = final; [V, N] class), plus the [V, N, K] alive sets
     at the end (at the exit taken, or after the last exit) when ``with_alive``.
     """
-    num_heads, num_samples, k = scores.shape
-    vectors = betas.shape[0]
-    alive = torch.ones(vectors, num_samples, k, dtype=torch.bool)
-    first = torch.full((vectors, num_samples), num_heads, dtype=torch.long)
-    pred = torch.zeros(vectors, num_samples, dtype=torch.long)
-    active = torch.ones(vectors, num_samples, dtype=torch.bool)  # not left yet
-    alive, active, pred = walk_exits(lambda i: scores[i], lambda i: betas[:, i, None], range(num_heads),
-                                     alive, active, pred, first)
-    masked = final_logits[None].masked_fill(~alive, float("-inf"))
-    pred = torch.where(active, masked.argmax(2), pred)
-    return (first, pred, alive) if with_alive else (first, pred)
+    return tables_outcome(ExclusionTables.of(scores, final_logits), betas, with_alive)
 
 
 class ClassExclusionTrace(ExitTrace):
@@ -178,6 +397,7 @@ class ClassExclusionTrace(ExitTrace):
         preds = torch.cat([top.indices, self.final_logits.argmax(1)[None]])
         scores = torch.cat([top.values, torch.ones_like(top.values[:1])])
         super().__init__(preds=preds, scores=scores, labels=labels)
+        self.tables = ExclusionTables.of(self.exclusion_scores, self.final_logits)
 
     def first_exit(self, thresholds: torch.Tensor) -> torch.Tensor:
         return self.outcome(thresholds)[0]
@@ -192,7 +412,7 @@ class ClassExclusionTrace(ExitTrace):
 
     def _exits(self, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         betas = torch.as_tensor(thresholds, dtype=torch.float64)
-        return exclusion_outcome(self.exclusion_scores, self.final_logits, betas.reshape(-1, betas.shape[-1]))
+        return tables_outcome(self.tables, betas.reshape(-1, betas.shape[-1]))
 
 
 class ClassExclusion(ExitStrategy):
@@ -310,20 +530,22 @@ class ClassExclusion(ExitStrategy):
         return StepOutput(final.indices, final.values, logits)
 
     def init_state(self, x: torch.Tensor) -> ExitState:
-        """Every class alive for every sample."""
-        return {"alive": torch.ones(x.shape[0], self.context.num_classes, dtype=torch.bool, device=x.device)}
+        """Every class alive for every sample (packed sets, ``pack``)."""
+        return {"alive": every_class((x.shape[0],), self.context.num_classes, x.device).clone()}
 
     def decide(self, j: int, out: StepOutput, thresholds: torch.Tensor, state: ExitState) -> tuple[torch.Tensor,
                                                                                                     torch.Tensor]:
         """``exclusion_outcome``'s rule one exit at a time, ``thresholds`` the rows' β (+inf or <= 0: exit off)."""
         if out.detail is None:
             raise ValueError("class exclusion decides from exit_step's detail; got none")
+        rows = torch.arange(out.detail.shape[0], device=out.detail.device)
         if j == len(self.heads):  # the final classifier among the classes still alive
-            pred = out.detail.masked_fill(~state["alive"], float("-inf")).argmax(1)
-            return torch.ones_like(pred, dtype=torch.bool), pred
-        alive, leaving, pred = exclusion_step(out.detail, state["alive"], thresholds.to(out.detail.device))
-        state["alive"] = alive
-        return leaving, pred
+            return torch.ones_like(rows, dtype=torch.bool), masked_argmax(out.detail, rows, state["alive"])
+        table = ExitTable.of(out.detail)
+        betas = thresholds.to(out.detail.device, torch.float64)[:, None]
+        alive, leaving = exclusion_update(table, state["alive"][:, None], betas, exit_on(betas))
+        state["alive"] = alive[:, 0]
+        return leaving[:, 0], table.top
 
     def build_traces(self, preds: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
                      details: list[torch.Tensor | None]) -> list[ExitTrace]:
@@ -337,56 +559,73 @@ class ClassExclusion(ExitStrategy):
         return exit_costs_at(self.context.stage_costs, self.exit_stages, [h.macs() for h in self.heads])
 
 
-def level_accuracies(trace: ClassExclusionTrace, betas: torch.Tensor, exit_index: int,
-                     levels: torch.Tensor) -> torch.Tensor:
+Prefix = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # [N, 1, W] alive sets, [N, 1] still in, [N, 1] class
+
+
+def walk_before(tables: ExclusionTables, betas: torch.Tensor, exit_index: int,
+                walks: dict[tuple[float, ...], Prefix]) -> Prefix:
+    """``betas`` through the exits before ``exit_index``: the alive sets, who is still in, the class of who
+    left. ``walks`` keeps the walk of every β prefix asked for, so a search that fills its vector one exit
+    at a time walks each exit once instead of from the first exit at every step."""
+    key = tuple(betas[:exit_index].tolist())
+    if key not in walks:
+        if exit_index == 0:
+            num_samples, k = tables.final.shape
+            walks[key] = (every_class((num_samples, 1), k), torch.ones(num_samples, 1, dtype=torch.bool),
+                          torch.zeros(num_samples, 1, dtype=torch.long))
+        else:
+            j = exit_index - 1
+            walks[key] = walk_exits(tables.exits, lambda _: betas[j].reshape(1, 1), [j],
+                                    *walk_before(tables, betas, j, walks))
+    return walks[key]
+
+
+def level_accuracies(trace: ClassExclusionTrace, betas: torch.Tensor, exit_index: int, levels: torch.Tensor,
+                     walks: dict[tuple[float, ...], Prefix] | None = None) -> torch.Tensor:
     """[L] calibration accuracy of ``betas`` with β[exit_index] set to each level (0 < level < 1).
 
     Exact and one pass instead of one per level: the exits before ``exit_index`` do not depend on its β,
-    so their alive sets are computed once; at the exit, level L keeps the candidates (the alive set plus
-    the top class) scoring above L·max, which is always the m(L) best of them, so only the K prefix sets
-    of the candidates sorted by score are carried through the later exits, and each level reads the
-    outcome of its own prefix size per sample. Same comparisons, same float64 products as
-    ``exclusion_outcome``, same mean: the numbers of evaluating every level in full.
+    so their alive sets are computed once (``walk_before``; ``walks`` shares them between calls); at the
+    exit, level L keeps the candidates (the alive set plus the top class) scoring above L·max, always the
+    m(L) best of them. Each candidate, the last of the best m kept, is so for one run of levels (between
+    its cutoff and the next candidate's, from ``level_cutoffs``); only those (sample, m) pairs go on to
+    the later exits and the final classifier, and each adds its correctness to its run of levels (a
+    difference array). Same comparisons, same float64 products as ``exclusion_outcome``, and correct
+    counts / N: the numbers of evaluating every level in full.
     """
-    scores, final, labels = trace.exclusion_scores, trace.final_logits, trace.labels
-    num_heads, num_samples, k = scores.shape
-    before = betas.clone()
-    before[exit_index:] = 0  # the exits up to this one, as they are
-    alive, active, settled = walk_exits(  # settled: the class of samples that already left
-        lambda i: scores[i], lambda i: before[i], range(exit_index), torch.ones(num_samples, k, dtype=torch.bool),
-        torch.ones(num_samples, dtype=torch.bool), torch.zeros(num_samples, dtype=torch.long))
-    here = scores[exit_index]  # [N, K]
-    top_value, top = here.max(-1, keepdim=True)
-    candidates = alive.scatter(-1, top, True)  # recovery: the top class is alive again
-    # m(L): the candidates scoring above L·max (the rule's own float64 product and strict comparison);
-    # L·max climbs with L, so class c stays for the levels below its cutoff: the first with L·max >= s_c
-    products = top_value * levels[None, :]  # [N, L], ascending per sample
-    cutoff = torch.searchsorted(products, here.contiguous(), side="left")  # [N, K]
-    cutoff = torch.where(candidates, cutoff, torch.zeros_like(cutoff))
-    counts = torch.zeros(num_samples, levels.numel() + 1, dtype=torch.long).scatter_add_(
-        1, cutoff, torch.ones_like(cutoff))  # [N, L + 1] candidates by cutoff (non-candidates at 0)
-    gone_by = counts.cumsum(1)[:, :-1]  # [N, L]: classes with cutoff <= l
-    size = (k - gone_by).clamp(min=1)  # [N, L] survivors: cutoff > l; the top class stays
-    # only the (sample, prefix size) pairs some level reaches go through the later exits
-    reached = torch.zeros(num_samples, k + 1, dtype=torch.bool).scatter_(1, size, True)
-    reached &= active[:, None]
-    sample, kept = reached.nonzero(as_tuple=True)
-    ranked = here.masked_fill(~candidates, float("-inf")).argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(ranked).scatter_(-1, ranked, torch.arange(k).expand(num_samples, k))
-    pair_alive = (rank[sample] < kept[:, None]) & candidates[sample]  # [P, K]: the `kept` best candidates
-    pair_active = kept > 1  # one class left: the sample leaves here
-    pair_alive, pair_active, pred = walk_exits(  # through the later exits (those already searched)
-        lambda i: scores[i][sample], lambda i: betas[i], range(exit_index + 1, num_heads), pair_alive, pair_active,
-        pair_alive.int().argmax(-1))
-    masked = final[sample].masked_fill(~pair_alive, float("-inf")).argmax(-1)
-    pred = torch.where(pair_active, masked, pred)
-    table = torch.zeros(num_samples, k + 1, dtype=torch.bool)
-    table[sample, kept] = pred == labels[sample]
-    correct_here = table.gather(1, size).T  # [L, N]
-    gone = ~active  # samples gone before this exit keep their earlier answer
-    if bool(gone.any()):
-        correct_here[:, gone] = (settled[gone] == labels[gone])[None]
-    return correct_here.double().mean(1)
+    tables, labels = trace.tables, trace.labels
+    (num_samples, k), count = tables.final.shape, levels.numel()
+    alive, active, settled = walk_before(tables, betas, exit_index, {} if walks is None else walks)
+    here = tables.exits[exit_index]
+    still = active[:, 0].nonzero()[:, 0]  # [A] the samples that reach this exit: all of what follows is theirs
+    order = tables.orders[exit_index][still]
+    candidates = alive[still, 0] | here.top_bit[still]  # [A, W] recovery: the top class is alive again
+    is_candidate = members(candidates, order)  # [A, K] in descending score order
+    upper = torch.where(is_candidate, tables.level_cutoffs(exit_index, levels)[still], 0)  # kept below it
+    later = upper.flip(1).cummax(1).values.flip(1)  # max over this position and after: cutoffs never rise
+    lower = torch.cat([later[:, 1:], torch.zeros_like(later[:, :1])], 1)  # the next candidate's cutoff
+    kept = is_candidate.cumsum(1)  # the candidates up to this position
+    upper = torch.where(kept == 1, count, upper)  # the best candidate stays alone above its cutoff too
+    pair = (is_candidate & (upper > lower)).flatten().nonzero()[:, 0]  # (row, position) flat
+    row, pred = pair // k, order.flatten()[pair]  # one kept: the sample leaves here with that class
+    sample = still[row]
+    on = (kept.flatten()[pair] > 1).nonzero()[:, 0]  # more kept: the sample goes on
+    exits_on = [i for i in range(exit_index + 1, len(tables.exits)) if bool(exit_on(betas[i]))]
+    if exits_on:  # through the later exits (those already searched), then the final classifier
+        rows = sample[on]
+        pair_alive = here.prefixes[rows, pair[on] % k + 1] & candidates[row[on]]  # [P, W] the kept best
+        pair_alive, pair_active, pair_pred = walk_exits(
+            tables.exits, lambda i: betas[i].reshape(1, 1), exits_on, pair_alive[:, None],
+            torch.ones(on.numel(), 1, dtype=torch.bool), pred[on, None], rows=rows)
+        pred[on] = final_answer(tables.final, rows, pair_alive, pair_active, pair_pred)[:, 0]
+    else:  # straight to the final classifier
+        pred[on] = tables.best_so_far(still, order, is_candidate).flatten()[pair[on]]
+    correct = (pred == labels[sample]).long()
+    runs = torch.zeros(count + 1, dtype=torch.long)
+    runs.index_add_(0, lower.flatten()[pair], correct).index_add_(0, upper.flatten()[pair], -correct)
+    gone = ~active[:, 0]  # samples gone before this exit keep their earlier answer
+    correct_counts = runs.cumsum(0)[:count] + int((settled[gone, 0] == labels[gone]).sum())
+    return correct_counts.double() / num_samples
 
 
 def search_betas(trace: ClassExclusionTrace, order: Sequence[int], tolerance: float,
@@ -399,7 +638,7 @@ def search_betas(trace: ClassExclusionTrace, order: Sequence[int], tolerance: fl
     clamped to [step, 0.99]; if no level fails, β = 0.99. Levels stop at 0.99: β = 1
     would leave only the top class at that exit. Every level's accuracy comes from one
     ``level_accuracies`` pass (``memo`` shares them between tolerances that reach the same
-    state).
+    state; the walks of this vector's prefixes are shared between its own steps).
     """
     num_heads = trace.exclusion_scores.shape[0]
     betas = torch.zeros(num_heads, dtype=torch.float64)
@@ -408,11 +647,11 @@ def search_betas(trace: ClassExclusionTrace, order: Sequence[int], tolerance: fl
     count = int(math.floor(MAX_BETA / step + 1e-9))
     levels = torch.tensor([min(round(k * step, 12), MAX_BETA) for k in range(1, count + 1)],
                           dtype=torch.float64)  # 0.01 .. 0.99
-    memo = {} if memo is None else memo
+    memo, walks = {} if memo is None else memo, {}
     for exit_index in order:
         key = (exit_index, step, tuple(betas.tolist()))
         if key not in memo:
-            memo[key] = level_accuracies(trace, betas, exit_index, levels)
+            memo[key] = level_accuracies(trace, betas, exit_index, levels, walks)
         failing = (memo[key] <= goal).nonzero()
         beta = MAX_BETA  # never failing: the climb ran through 0.99
         if failing.numel():

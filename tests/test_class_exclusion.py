@@ -19,6 +19,7 @@ from eebench_plugins.class_exclusion import (
     ClassExclusionSearch,
     ClassExclusionTrace,
     exclusion_outcome,
+    level_accuracies,
     search_betas,
     search_order,
 )
@@ -41,6 +42,80 @@ def one_sample(scores: list[torch.Tensor], final_logits: torch.Tensor, betas: li
             return i, int(alive.nonzero()[0])
     assert bool(alive.any())  # never an empty alive set
     return len(scores), int(final_logits.masked_fill(~alive, float("-inf")).argmax())
+
+
+def plain_outcome(scores: torch.Tensor, logits: torch.Tensor,
+                  betas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rule written out on [V, N, K] boolean alive sets, every class compared at every exit (the
+    implementation before packed sets): ([V, N] exit, [V, N] class, [V, N, K] alive sets at the end)."""
+    heads, samples, k = scores.shape
+    vectors = betas.shape[0]
+    alive = torch.ones(vectors, samples, k, dtype=torch.bool)
+    first = torch.full((vectors, samples), heads, dtype=torch.long)
+    pred = torch.zeros(vectors, samples, dtype=torch.long)
+    active = torch.ones(vectors, samples, dtype=torch.bool)
+    for i in range(heads):
+        beta = betas[:, i, None]  # [V, 1]
+        top_value, top = scores[i].max(-1, keepdim=True)  # [N, 1]
+        top = top.expand(vectors, samples, 1)
+        keep = (scores[i] > beta.clamp(max=1.0)[..., None] * top_value).scatter(-1, top, True)
+        now = torch.isfinite(beta) & (beta > 0) & active
+        alive = torch.where(now[..., None], alive.scatter(-1, top, True) & keep, alive)
+        leaving = now & (alive.sum(-1) == 1)
+        first[leaving] = i
+        pred = torch.where(leaving, alive.int().argmax(-1), pred)
+        active &= ~leaving
+    pred = torch.where(active, logits[None].masked_fill(~alive, float("-inf")).argmax(2), pred)
+    return first, pred, alive
+
+
+def plain_level_accuracies(trace: ClassExclusionTrace, betas: torch.Tensor, exit_index: int) -> torch.Tensor:
+    """[99] accuracy with β[exit_index] = 0.01 .. 0.99, one full ``plain_outcome`` per level."""
+    vectors = betas.repeat(99, 1)
+    vectors[:, exit_index] = torch.tensor([round(k / 100, 12) for k in range(1, 100)], dtype=torch.float64)
+    _, pred, _ = plain_outcome(trace.exclusion_scores, trace.final_logits, vectors)
+    return (pred == trace.labels[None]).double().mean(1)
+
+
+def assert_fast_equals_plain(trace: ClassExclusionTrace, vectors: torch.Tensor) -> None:
+    """The packed, prefix-grouped evaluation and the one-pass level search against ``plain_outcome``,
+    bit for bit: every vector's exits, classes and alive sets; every exit's 99 level accuracies from
+    every searched state the vectors pass through (their prefixes, later exits off or as they are)."""
+    scores, logits = trace.exclusion_scores, trace.final_logits
+    fast = exclusion_outcome(scores, logits, vectors, with_alive=True)
+    for got, expected in zip(fast, plain_outcome(scores, logits, vectors), strict=True):
+        assert torch.equal(got, expected)
+    assert torch.equal(trace.outcome(vectors)[0], fast[0]) and torch.equal(trace.predictions(vectors), fast[1])
+    levels = torch.tensor([round(k / 100, 12) for k in range(1, 100)], dtype=torch.float64)
+    heads = scores.shape[0]
+    for vector in vectors.where(vectors < 1, 0.0)[:6]:  # states in [0, 1) (0: off), as the search visits
+        for exit_index in range(heads):
+            for state in (torch.cat([vector[:exit_index], vector.new_zeros(heads - exit_index)]), vector):
+                got = level_accuracies(trace, state, exit_index, levels)
+                assert torch.equal(got, plain_level_accuracies(trace, state, exit_index)), (exit_index, state)
+
+
+def tied_trace(samples: int, k: int, seed: int) -> ClassExclusionTrace:
+    """Scores on a coarse grid (ties everywhere, ties at the max, all-zero rows), final logits with ties and
+    rows of −inf: the corners where a shortcut could pick another class than the plain rule."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = (torch.rand(3, samples, k, generator=generator, dtype=torch.float64) * 4).floor() / 4
+    scores[:, :5] = 0.0
+    logits = (torch.randn(samples, k, generator=generator, dtype=torch.float64) * 2).round()
+    logits[::7, : k - 1] = float("-inf")
+    logits[::11] = float("-inf")
+    labels = torch.randint(0, k, (samples,), generator=generator)
+    labels[:3] = 0  # all-zero scores: the rule keeps class 0 (the first of the tied top) alone
+    return ClassExclusionTrace(scores, logits, labels)
+
+
+@pytest.mark.parametrize("k", [6, 70])  # 70 classes: two words per packed set
+def test_fast_rule_and_level_search_equal_the_plain_rule_on_ties(k) -> None:
+    trace = tied_trace(300, k, seed=k)
+    vectors = torch.tensor([[0.3, 0.6, 0.9], [0.3, 0.6, 0.25], [0.3, 0.0, 0.75], [0.5, float("inf"), 0.5],
+                            [0.25, 0.5, 1.0], [1.0, 0.3, 0.3], [0.0, 0.0, 0.0], [0.3, 0.6, 0.9]],
+                           dtype=torch.float64)  # shared prefixes, β = 1, exits off, a repeated vector
+    assert_fast_equals_plain(trace, vectors)
 
 
 def test_batched_inference_equals_per_sample_inference() -> None:
@@ -147,7 +222,9 @@ def reference_search(trace: ClassExclusionTrace, order: list[int], tolerance: fl
     betas = [0.0] * trace.exclusion_scores.shape[0]
 
     def accuracy(vector: list[float]) -> float:
-        return float(trace.outcome(torch.tensor([vector], dtype=torch.float64))[1].double().mean())
+        _, pred, _ = plain_outcome(trace.exclusion_scores, trace.final_logits,
+                                   torch.tensor([vector], dtype=torch.float64))
+        return float((pred == trace.labels).double().mean())
 
     goal = accuracy(betas) - tolerance
     for j in order:
@@ -262,6 +339,19 @@ def test_search_equals_the_plain_reference_loop_and_curve_is_built(fitted, trace
     curve = build_curve([calibration], [on_test], costs, [vectors])
     assert bool((curve.calibration_accuracy.diff() >= 0).all())
     assert float(curve.calibration_cost.min()) < 1.0  # exclusion does make samples leave early
+
+
+def test_fast_search_and_evaluation_equal_the_plain_rule_on_real_traces(fitted, traces) -> None:
+    """The calibrator's own candidates (every default tolerance, refined) on the real calibration and test
+    traces: the packed, grouped evaluation and the one-pass level accuracies equal the plain rule exactly."""
+    strategy, *_ = fitted
+    calibration, on_test = traces
+    vectors = ClassExclusionSearch().thresholds(calibration, strategy.exit_costs(), torch.Generator())
+    assert vectors.shape[0] > 100
+    for trace in (calibration, on_test):
+        first, pred, _ = plain_outcome(trace.exclusion_scores, trace.final_logits, vectors)
+        assert torch.equal(trace.outcome(vectors)[0], first) and torch.equal(trace.predictions(vectors), pred)
+    assert_fast_equals_plain(calibration, vectors[torch.linspace(0, vectors.shape[0] - 1, 12).long()])
 
 
 def test_refined_candidates_reach_below_the_searched_ones(fitted, traces) -> None:
