@@ -161,6 +161,7 @@ class ExitTable:
     top_value: torch.Tensor  # [R] max(s)
     top: torch.Tensor  # [R] its class (``max``'s own index, as the rule always had)
     top_bit: torch.Tensor  # [R, W] the set {top}
+    order: torch.Tensor  # [R, K] the classes ``by_score``
     ascending: torch.Tensor  # [R, K] the scores, ascending
     prefixes: torch.Tensor  # [R, K + 1, W] the set of the first c classes of ``by_score``, c = 0..K
 
@@ -172,7 +173,7 @@ class ExitTable:
         bits = class_bits(order, k)  # [R, K, W], one bit each: their running sum is the running union
         prefixes = torch.cat([torch.zeros_like(bits[:, :1]), bits.cumsum(1)], 1)
         ascending = scores.gather(-1, order).flip(-1).contiguous()
-        return cls(top_value, top, class_bits(top, k), ascending, prefixes)
+        return cls(top_value, top, class_bits(top, k), order, ascending, prefixes)
 
 
 def by_score(scores: torch.Tensor) -> torch.Tensor:
@@ -265,7 +266,6 @@ class ExclusionTables:
     level cutoffs (``level_cutoffs``) are kept in ``cutoffs`` as they are first asked for."""
 
     exits: list[ExitTable]
-    orders: list[torch.Tensor]  # [N, K] each exit's ``by_score``
     final: torch.Tensor
     final_rank: torch.Tensor  # [N, K] each class's place in argmax order: by descending logit, ties by index
     cutoffs: dict[tuple[int, bytes], torch.Tensor] = field(default_factory=dict, compare=False)
@@ -274,7 +274,7 @@ class ExclusionTables:
     def of(cls, scores: torch.Tensor, final: torch.Tensor) -> ExclusionTables:
         order = final.argsort(dim=-1, descending=True, stable=True)  # NaN first, as argmax picks it
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(final.shape[-1]).expand_as(order))
-        return cls([ExitTable.of(s) for s in scores], [by_score(s) for s in scores], final, rank)
+        return cls([ExitTable.of(s) for s in scores], final, rank)
 
     def best_so_far(self, rows: torch.Tensor, order: torch.Tensor, is_candidate: torch.Tensor) -> torch.Tensor:
         """[R, K] for samples ``rows``: the final classifier's answer among the first m candidates of an
@@ -598,7 +598,7 @@ def level_accuracies(trace: ClassExclusionTrace, betas: torch.Tensor, exit_index
     alive, active, settled = walk_before(tables, betas, exit_index, {} if walks is None else walks)
     here = tables.exits[exit_index]
     still = active[:, 0].nonzero()[:, 0]  # [A] the samples that reach this exit: all of what follows is theirs
-    order = tables.orders[exit_index][still]
+    order = tables.exits[exit_index].order[still]
     candidates = alive[still, 0] | here.top_bit[still]  # [A, W] recovery: the top class is alive again
     is_candidate = members(candidates, order)  # [A, K] in descending score order
     upper = torch.where(is_candidate, tables.level_cutoffs(exit_index, levels)[still], 0)  # kept below it
